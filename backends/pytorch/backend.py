@@ -1,0 +1,163 @@
+"""The PyTorch backend: a Hugging Face ``transformers`` sequence classifier with Q8BERT modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from q8core.backend import Backend
+from q8core.errors import Q8Error
+from q8core.spec import QuantSpec
+
+from .quantization import quantize_model, quantized_modules
+
+QUANT_STATE_FILE = "quant_state.safetensors"
+
+
+def torch_device(device: str) -> torch.device:
+    """``cpu``, ``gpu`` / ``gpu:N`` / ``cuda:N`` -> a torch device that exists here."""
+    kind, _, index = device.lower().partition(":")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise Q8Error(f"--device {device}: PyTorch sees no CUDA GPU on this machine")
+    number = int(index) if index.isdigit() else 0
+    if number >= torch.cuda.device_count():
+        raise Q8Error(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    return torch.device("cuda", number)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load_hf_model(source: str, **config_kwargs):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
+    hf_logging.disable_progress_bar()
+    try:
+        config = AutoConfig.from_pretrained(source, **config_kwargs)
+        return AutoModelForSequenceClassification.from_pretrained(source, config=config)
+    except (OSError, ValueError, KeyError) as exc:
+        raise Q8Error(f"cannot load a model from {source}: {_first_line(exc)}") from None
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    aliases = ("pytorch",)
+    devices = ("cpu", "gpu", "cuda")
+    dynamic_shapes = True
+
+    def __init__(self, model: torch.nn.Module, spec: QuantSpec, device: torch.device) -> None:
+        self.model = model.to(device)
+        self.spec = spec
+        self.device = device
+        self.optimizer = None
+        self.scheduler = None
+        self.regression = model.config.problem_type == "regression"
+
+    @classmethod
+    def framework_version(cls) -> str:
+        return f"torch {torch.__version__}"
+
+    @classmethod
+    def check_device(cls, device: str) -> None:
+        super().check_device(device)
+        torch_device(device)
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, source, *, labels, spec, device, seed):
+        torch.manual_seed(seed)
+        kwargs = {"num_labels": 1, "problem_type": "regression"} if labels is None else {
+            "num_labels": len(labels), "problem_type": "single_label_classification",
+            "id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
+        model = _load_hf_model(str(source), **kwargs)
+        return cls(quantize_model(model, spec), spec, torch_device(device))
+
+    @classmethod
+    def from_checkpoint(cls, path, *, spec, device):
+        model = quantize_model(_load_hf_model(str(path)), spec)
+        backend = cls(model, spec, torch_device(device))
+        state_file = Path(path) / QUANT_STATE_FILE
+        if spec.quantized:
+            if not state_file.exists():
+                raise Q8Error(f"{path}: quantized checkpoint without {QUANT_STATE_FILE}")
+            backend.load_quant_state(load_file(str(state_file)), where=str(state_file))
+        return backend
+
+    # -- training ----------------------------------------------------------------------------
+    def configure_optimizer(self, *, learning_rate, weight_decay, warmup_steps, total_steps, adam_epsilon,
+                            max_grad_norm):
+        from transformers import get_linear_schedule_with_warmup
+
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=learning_rate, eps=adam_epsilon, fused=True)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup_steps, total_steps)
+        self.max_grad_norm = max_grad_norm
+
+    def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
+                   for name, value in batch.items() if name in ("input_ids", "attention_mask", "token_type_ids")}
+        if "labels" in batch:
+            tensors["labels"] = torch.from_numpy(np.asarray(batch["labels"])).to(self.device)
+        return tensors
+
+    def train_step(self, batch):
+        if self.optimizer is None:
+            raise RuntimeError("configure_optimizer() must be called before train_step()")
+        self.model.train()
+        loss = self.model(**self._tensors(batch)).loss
+        loss.backward()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def learning_rate(self):
+        return float(self.scheduler.get_last_lr()[0])
+
+    # -- inference ---------------------------------------------------------------------------
+    def predict(self, batch):
+        self.model.eval()
+        inputs = self._tensors({k: v for k, v in batch.items() if k != "labels"})
+        with torch.inference_mode():
+            return self.model(**inputs).logits.float().cpu().numpy()
+
+    def quant_state(self):
+        return {name: float(module.input_ema) for name, module in quantized_modules(self.model)
+                if int(module.steps) > 0 and hasattr(module, "in_features")}
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self, directory):
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+        if self.spec.quantized:
+            state = {}
+            for name, module in quantized_modules(self.model):
+                state[f"{name}.input_ema"] = module.input_ema.detach().cpu().reshape(1)
+                state[f"{name}.steps"] = module.steps.detach().cpu().reshape(1)
+            save_file(state, str(Path(directory) / QUANT_STATE_FILE))
+        return sorted(p.name for p in Path(directory).iterdir())
+
+    def load_quant_state(self, state: dict[str, torch.Tensor], where: str) -> None:
+        modules = dict(quantized_modules(self.model))
+        expected = {f"{name}.{key}" for name in modules for key in ("input_ema", "steps")}
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            detail = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+            raise Q8Error(f"{where}: quantizer state does not fit the model ({detail})")
+        for name, module in modules.items():
+            module.input_ema.copy_(state[f"{name}.input_ema"].reshape(()))
+            module.steps.copy_(state[f"{name}.steps"].reshape(()))

@@ -1,0 +1,175 @@
+"""Q8BERT quantized modules for PyTorch, matching :mod:`q8core.reference` bit for bit.
+
+:class:`QuantizedLinear` *is* an ``nn.Linear`` and :class:`QuantizedEmbedding` *is* an
+``nn.Embedding``: same parameters, same state-dict names. :func:`quantize_model` swaps them into
+any loaded Hugging Face model by walking its modules, so nothing else about the model changes.
+
+The fully quantized linear layer computes in the integer domain on float32 tensors holding
+integers: ``acc = x_q · W_qᵀ + b_q``, ``y = acc / (S_W * S_x)``. That is the reference's int8 x
+int8 -> int32 layer exactly, as long as the accumulator stays below 2^24 (always when
+in_features · 127² < 2^24, i.e. in_features <= 1040, and in practice far beyond). The backward
+pass is the straight-through estimator: gradients flow as if ``y = FQ(x) · FQ(W)ᵀ + b``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from q8core.spec import QuantSpec
+
+
+def get_scale(threshold: torch.Tensor, qmax: int) -> torch.Tensor:
+    """qmax / threshold in float32; 1 where the threshold is 0 (see q8core.reference.get_scale)."""
+    threshold = threshold.to(torch.float32)
+    safe = torch.where(threshold > 0, threshold, torch.ones_like(threshold))
+    return torch.where(threshold > 0, torch.tensor(float(qmax), dtype=torch.float32, device=threshold.device) / safe,
+                       torch.ones_like(threshold))
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """clamp(round_half_even(x * S), -qmax, qmax), kept as float32 integers."""
+    return torch.clamp(torch.round(x * scale), -qmax, qmax)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Dequantize(Quantize(x)) with no gradient of its own."""
+    return quantize(x, scale, qmax) / scale
+
+
+def ste(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """Straight-through estimator: the value of ``quantized``, the gradient of ``x``."""
+    return x + (quantized - x).detach()
+
+
+def ema_update(ema: torch.Tensor, value: torch.Tensor, decay: float) -> torch.Tensor:
+    """decay * ema + (1 - decay) * value, float32, in the reference's order of operations."""
+    d = torch.tensor(decay, dtype=torch.float32, device=ema.device)
+    one_minus_d = torch.tensor(1.0 - decay, dtype=torch.float32, device=ema.device)
+    return torch.add(torch.mul(d, ema), torch.mul(one_minus_d, value.to(torch.float32)))
+
+
+class _IntegerLinear(torch.autograd.Function):
+    """y = (x_q · W_qᵀ + b_q) / (S_W * S_x) forward; straight-through gradients backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, s_x, s_w, qmax, bias_qmax):
+        x_q = quantize(x, s_x, qmax)
+        w_q = quantize(weight, s_w, qmax)
+        s_b = s_w * s_x
+        b_q = None if bias is None else torch.clamp(torch.round(bias * s_b), -bias_qmax, bias_qmax)
+        ctx.save_for_backward(x_q, w_q, s_x, s_w)
+        ctx.has_bias = bias is not None
+        return F.linear(x_q, w_q, b_q) / s_b
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_q, w_q, s_x, s_w = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(w_q / s_w)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.reshape(-1, grad.shape[-1]).t().matmul((x_q / s_x).reshape(-1, x_q.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+class _QuantState:
+    """EMA of max|input| and a count of training steps, as non-persistent buffers.
+
+    They are saved separately (``quant_state.safetensors``) so the model's own state dict, and so
+    its ``model.safetensors``, stays exactly the Hugging Face one.
+    """
+
+    def _init_quant_state(self, spec: QuantSpec, device: torch.device) -> None:
+        self.spec = spec
+        self.register_buffer("input_ema", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+
+    def _quantizing_now(self) -> bool:
+        """In training, count the step; false while the spec's start-step delay lasts."""
+        if not self.training:
+            return True
+        self.steps += 1
+        return int(self.steps) > self.spec.start_step
+
+
+class QuantizedLinear(_QuantState, nn.Linear):
+    """``nn.Linear`` with 8-bit weights and inputs and an int32 bias (Q8BERT)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> "QuantizedLinear":
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        module.weight, module.bias = linear.weight, linear.bias
+        module.train(linear.training)
+        module._init_quant_state(spec, linear.weight.device)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if spec.mode == "fp32" or (spec.mode == "dq" and self.training):
+            return F.linear(x, self.weight, self.bias)
+        if self.training and spec.quantize_activations:
+            batch_max = x.detach().abs().max()
+            ema = batch_max.to(torch.float32) if int(self.steps) == 0 else \
+                ema_update(self.input_ema, batch_max, spec.ema_decay)
+            self.input_ema.copy_(ema)
+        if not self._quantizing_now():
+            return F.linear(x, self.weight, self.bias)
+        qmax = spec.qmax
+        s_w = get_scale(self.weight.detach().abs().max(), qmax)
+        if spec.quantize_activations:
+            dynamic = spec.mode == "dq" or int(self.steps) == 0  # dq, or a QAT model never trained
+            s_x = get_scale(x.detach().abs().max() if dynamic else self.input_ema, qmax)
+        if spec.quantize_weights and spec.quantize_activations and (spec.quantize_bias or self.bias is None):
+            return _IntegerLinear.apply(x, self.weight, self.bias, s_x, s_w, qmax, spec.bias_qmax)
+        # partial quantization: fake-quantize what the spec asks for, in float32
+        weight = ste(self.weight, fake_quantize(self.weight, s_w, qmax)) if spec.quantize_weights else self.weight
+        if spec.quantize_activations:
+            x = ste(x, fake_quantize(x, s_x, qmax))
+        return F.linear(x, weight, self.bias)
+
+
+class QuantizedEmbedding(_QuantState, nn.Embedding):
+    """``nn.Embedding`` whose looked-up rows are fake-quantized with the whole table's scale."""
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, spec: QuantSpec) -> "QuantizedEmbedding":
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx,
+                     max_norm=embedding.max_norm, norm_type=embedding.norm_type,
+                     scale_grad_by_freq=embedding.scale_grad_by_freq, sparse=embedding.sparse, device="meta")
+        module.weight = embedding.weight
+        module.train(embedding.training)
+        module._init_quant_state(spec, embedding.weight.device)
+        return module
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = super().forward(ids)
+        spec = self.spec
+        if spec.mode == "fp32" or (spec.mode == "dq" and self.training) or not self._quantizing_now():
+            return rows
+        scale = get_scale(self.weight.detach().abs().max(), spec.qmax)
+        return ste(rows, fake_quantize(rows.detach(), scale, spec.qmax))
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
+    """Swap every ``nn.Linear`` (and, per the spec, ``nn.Embedding``) for its quantized twin, in place.
+
+    Everything else (LayerNorm, GELU, Softmax, the attention matmuls) stays float32.
+    """
+    if not spec.quantized:
+        return model
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and (spec.quantize_weights or spec.quantize_activations):
+                setattr(parent, child_name, QuantizedLinear.from_linear(child, spec))
+            elif type(child) is nn.Embedding and spec.quantize_embeddings:
+                setattr(parent, child_name, QuantizedEmbedding.from_embedding(child, spec))
+    return model
+
+
+def quantized_modules(model: nn.Module):
+    """(name, module) for every quantized module, in model order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantState)]

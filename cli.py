@@ -1,0 +1,174 @@
+"""The ``q8`` command: fine-tune with Q8BERT, evaluate checkpoints, list plugins.
+
+Every user mistake ends as one line on stderr (``q8: error: ...``) and exit status 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from q8core import __version__, checkpoints
+from q8core.callbacks import format_metrics
+from q8core.config import RunConfig
+from q8core.errors import Q8Error
+from q8core.evaluation import evaluate, load_eval_sets
+from q8core.plugins import load_registry
+from q8core.spec import MODES, QuantSpec
+from q8core.tokenization import load_tokenizer
+
+DEVICES = ("cpu", "gpu", "ascend")
+
+
+def _device(ctx, param, value: str) -> str:
+    kind, _, index = value.lower().partition(":")
+    if kind not in DEVICES + ("cuda",) or (index and not index.isdigit()):
+        raise click.BadParameter(f"{value!r} is not one of cpu, gpu, ascend (optionally with :N)")
+    return value.lower()
+
+
+def _registry():
+    registry = load_registry()
+    for name, error in sorted(registry.failures.items()):
+        click.echo(f"q8: warning: plugin {name} failed to load: {error}", err=True)
+    return registry
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="q8")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """Q8BERT: 8-bit quantization-aware fine-tuning of BERT on GLUE."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.option("--task", required=True, help="GLUE task: sts-b, sst-2, qnli, mrpc, rte, cola, qqp, mnli, wnli.")
+@click.option("--data-dir", required=True, type=click.Path(path_type=Path),
+              help="Folder with the task's GLUE TSV files (train.tsv, dev.tsv).")
+@click.option("--output-dir", required=True, type=click.Path(path_type=Path), help="Run folder to create.")
+@click.option("--model", default="bert-base-uncased", show_default=True,
+              help="Pretrained BERT: a Hugging Face hub id or a local folder.")
+@click.option("--backend", default="torch", show_default=True, help="Backend plugin (see `q8 plugins`).")
+@click.option("--device", default="cpu", show_default=True, callback=_device, help="cpu, gpu[:N] or ascend[:N].")
+@click.option("--mode", type=click.Choice(MODES), default="qat", show_default=True,
+              help="qat: Q8BERT; fp32: no quantization; dq: FP32 training, dynamic 8-bit inference.")
+@click.option("--spec", "spec_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Quantizer spec JSON (its mode is replaced by --mode when that is given).")
+@click.option("--ema-decay", type=float, help="EMA decay of activation ranges (spec default 0.9999).")
+@click.option("--quant-delay", type=int, help="Start fake quantization after this many steps.")
+@click.option("--epochs", type=float, default=3.0, show_default=True)
+@click.option("--max-steps", type=int, help="Total training steps; overrides --epochs.")
+@click.option("--train-batch-size", type=int, default=16, show_default=True)
+@click.option("--eval-batch-size", type=int, default=32, show_default=True)
+@click.option("--learning-rate", type=float, default=2e-5, show_default=True)
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--warmup-ratio", type=float, default=0.1, show_default=True)
+@click.option("--max-seq-length", type=int, default=128, show_default=True)
+@click.option("--pad-to-max-length", is_flag=True, help="Pad every batch to --max-seq-length (default: to its longest row).")
+@click.option("--eval-steps", type=int, help="Evaluate every N steps (default: every epoch).")
+@click.option("--save-steps", type=int, help="Also checkpoint every N steps (default: at each new best and at the end).")
+@click.option("--max-checkpoints", type=int, default=3, show_default=True, help="Checkpoints kept besides the best.")
+@click.option("--logging-steps", type=int, default=50, show_default=True)
+@click.option("--shuffle/--no-shuffle", default=True, show_default=True)
+@click.option("--eval/--no-eval", "do_eval", default=True, show_default=True, help="Evaluate during training.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a previous run in --output-dir.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def run(spec_file, ema_decay, quant_delay, mode, quiet, **options):
+    """Fine-tune a pretrained BERT on a GLUE task (Q8BERT QAT by default)."""
+    from q8core.trainer import Trainer
+
+    spec = QuantSpec.from_json(spec_file.read_text(encoding="utf-8"), where=str(spec_file)) \
+        if spec_file else QuantSpec()
+    overrides = {"mode": mode}
+    if ema_decay is not None:
+        overrides["ema_decay"] = ema_decay
+    if quant_delay is not None:
+        overrides["start_step"] = quant_delay
+    spec = QuantSpec.from_dict({**spec.to_dict(), **overrides}, where="quantizer options")
+    options["data_dir"], options["output_dir"] = str(options["data_dir"]), str(options["output_dir"])
+    config = RunConfig(spec=spec, **options)
+    results = Trainer(config, _registry(), progress=not quiet).run()
+    click.echo(f"{results['task']} {results['mode']} ({results['backend']}): {format_metrics(results['metrics'])}")
+    if results["best_step"] is not None:
+        click.echo(f"best {results['main_metric']} {results['best_metric']:.4f} at step {results['best_step']}")
+    click.echo(f"{results['step']} steps in {results['train_seconds']:.0f} s "
+               f"({results['sec_per_step']:.3f} s/step); run folder: {config.output_dir}")
+
+
+@cli.command("eval")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="A checkpoint folder, or a run folder (its best checkpoint).")
+@click.option("--data-dir", required=True, type=click.Path(path_type=Path), help="The task's GLUE folder.")
+@click.option("--device", default="cpu", show_default=True, callback=_device)
+@click.option("--eval-batch-size", type=int, default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+def eval_(checkpoint, data_dir, device, eval_batch_size, as_json):
+    """Evaluate a checkpoint on its task's dev set (backend and task come from the checkpoint)."""
+    path = checkpoints.resolve(checkpoint)
+    manifest = checkpoints.read_manifest(path)
+    registry = _registry()
+    backend_cls = registry.backend(manifest["backend"])
+    task = registry.task(manifest["task"])
+    labels = manifest.get("labels")
+    if (labels is None) != task.is_regression or (labels and tuple(labels) != task.labels):
+        raise Q8Error(f"{path}: its labels {labels} do not fit task {task.name} ({task.labels})")
+    backend_cls.check_device(device)
+    spec = QuantSpec.load(path)
+    backend = backend_cls.from_checkpoint(path, spec=spec, device=device)
+    eval_sets = load_eval_sets(task, data_dir, load_tokenizer(path), manifest.get("max_seq_length", 128))
+    metrics = evaluate(backend, task, eval_sets, eval_batch_size, backend_cls.dynamic_shapes)
+    if as_json:
+        click.echo(json.dumps({"task": task.name, "checkpoint": str(path), "mode": spec.mode, **metrics}))
+    else:
+        click.echo(f"{task.name} dev, {path} ({spec.mode}, {backend_cls.name}): {format_metrics(metrics)}")
+
+
+@cli.command()
+def plugins():
+    """List the installed backends and tasks, with versions."""
+    registry = _registry()
+    click.echo("backends:")
+    for entry in sorted(registry.backends.values(), key=lambda e: e.name):
+        aliases = ", ".join(getattr(entry.obj, "aliases", ()))
+        click.echo(f"  {entry.name:<12} {entry.plugin} {entry.version}"
+                   f"  [{entry.obj.framework_version()}]" + (f"  aliases: {aliases}" if aliases else ""))
+    click.echo("tasks:")
+    for entry in sorted(registry.tasks.values(), key=lambda e: e.name):
+        task = entry.obj
+        kind = "regression" if task.is_regression else f"{task.num_labels} labels"
+        click.echo(f"  {entry.name:<12} {entry.plugin} {entry.version}  {kind}; main metric {task.main_metric}")
+    for name, error in sorted(registry.failures.items()):
+        click.echo(f"failed: {name}: {error}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors, exit status 2."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="q8", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("q8: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except Q8Error as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"q8: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("q8: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

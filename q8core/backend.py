@@ -1,0 +1,94 @@
+"""The interface between the backend-neutral trainer and a deep-learning framework.
+
+A backend is a class registered through the ``register_backends`` hook. An instance holds one
+model on one device. Everything crossing this interface is NumPy: batches are dicts of int64
+arrays ``input_ids``, ``attention_mask``, ``token_type_ids`` (shape ``(batch, seq)``) plus
+``labels`` (int64 class indices, or float32 scores for regression) when training; predictions
+come back as float32 logits ``(batch, num_labels)``.
+
+A checkpoint folder is written in two parts: the backend writes its weights, model config and
+quantizer state (:meth:`Backend.save`); the core writes the tokenizer, the spec and the manifest
+(:mod:`q8core.checkpoints`). :meth:`Backend.from_checkpoint` reads back what ``save`` wrote.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from .errors import Q8Error
+from .spec import QuantSpec
+
+
+class Backend(abc.ABC):
+    """One model on one device; subclass it, set ``name``, register the class."""
+
+    #: The ``--backend`` name; ``aliases`` are accepted too.
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: ``--device`` values this backend understands.
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    #: Whether batches may be trimmed to their longest row (graph compilers prefer static shapes).
+    dynamic_shapes: ClassVar[bool] = True
+
+    spec: QuantSpec
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def from_pretrained(cls, source: str, *, labels: tuple[str, ...] | None, spec: QuantSpec,
+                        device: str, seed: int) -> "Backend":
+        """A sequence classifier from a pretrained BERT (hub id or local folder), quantized per
+        ``spec``; ``labels=None`` means one regression output. The new classifier head is
+        initialised from ``seed``."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_checkpoint(cls, path: Path, *, spec: QuantSpec, device: str) -> "Backend":
+        """The model exactly as :meth:`save` wrote it into ``path`` (weights and EMA ranges)."""
+
+    @classmethod
+    def framework_version(cls) -> str:
+        """Name and version of the framework behind the backend, for ``q8 plugins``."""
+        return "-"
+
+    @classmethod
+    def check_device(cls, device: str) -> None:
+        """Raise :class:`Q8Error` (one line) when ``device`` is unknown or absent here."""
+        kind = device.split(":")[0].lower()
+        if kind not in cls.devices:
+            raise Q8Error(f"backend {cls.name!r} does not support device {device!r} "
+                          f"(supported: {', '.join(cls.devices)})")
+
+    # -- training ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def configure_optimizer(self, *, learning_rate: float, weight_decay: float, warmup_steps: int,
+                            total_steps: int, adam_epsilon: float, max_grad_norm: float) -> None:
+        """AdamW with decoupled weight decay (none on biases and LayerNorm), linear warm-up then
+        linear decay to zero over ``total_steps``; gradients clipped to ``max_grad_norm``."""
+
+    @abc.abstractmethod
+    def train_step(self, batch: dict[str, np.ndarray]) -> float:
+        """One optimizer step on ``batch``; returns the loss (float)."""
+
+    @abc.abstractmethod
+    def learning_rate(self) -> float:
+        """The learning rate the next step will use."""
+
+    # -- inference ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits for ``batch`` in inference mode (no dropout, EMA ranges frozen)."""
+
+    def quant_state(self) -> dict[str, float]:
+        """EMA of max|x| per quantized layer input, by module name (empty when not quantized)."""
+        return {}
+
+    # -- persistence -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def save(self, directory: Path) -> list[str]:
+        """Write weights, model config and quantizer state into ``directory`` (which exists);
+        return the names of the files written."""

@@ -1,0 +1,93 @@
+"""The run configuration: every setting of ``q8 run``, stored as ``run_config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import Q8Error
+from .spec import QuantSpec
+
+RUN_CONFIG_FILE = "run_config.json"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: str
+    model: str
+    data_dir: str
+    output_dir: str
+    backend: str = "torch"
+    device: str = "cpu"
+    spec: QuantSpec = field(default_factory=QuantSpec)
+    epochs: float = 3.0
+    max_steps: int | None = None  # overrides epochs when set
+    train_batch_size: int = 16
+    eval_batch_size: int = 32
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    adam_epsilon: float = 1e-6
+    max_grad_norm: float = 1.0
+    max_seq_length: int = 128
+    pad_to_max_length: bool = False  # else each batch is trimmed to its longest row
+    eval_steps: int | None = None  # None: evaluate at the end of every epoch
+    save_steps: int | None = None  # None: save when the main metric improves, and at the end
+    max_checkpoints: int = 3  # periodic checkpoints kept, besides the best
+    logging_steps: int = 50
+    shuffle: bool = True
+    do_eval: bool = True
+    seed: int = 42
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("train_batch_size", "eval_batch_size", "max_seq_length", "logging_steps", "max_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise Q8Error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_steps", "save_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise Q8Error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.epochs <= 0 and self.max_steps is None:
+            raise Q8Error(f"--epochs must be positive, got {self.epochs}")
+        if self.learning_rate <= 0:
+            raise Q8Error(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise Q8Error(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_seq_length > 512:
+            raise Q8Error(f"--max-seq-length {self.max_seq_length} exceeds BERT's 512 positions")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["spec"] = self.spec.to_dict()
+        return data
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / RUN_CONFIG_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = RUN_CONFIG_FILE) -> "RunConfig":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise Q8Error(f"{where}: unknown key(s) {', '.join(unknown)}")
+        data["spec"] = QuantSpec.from_dict(data.get("spec", {}), where=f"{where}: spec")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise Q8Error(f"{where}: {exc}") from None
+
+    @classmethod
+    def load(cls, directory: Path) -> "RunConfig":
+        path = Path(directory) / RUN_CONFIG_FILE
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), where=str(path))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise Q8Error(f"{path}: cannot read run config ({exc})") from None

@@ -1,0 +1,111 @@
+"""The quantizer spec: how a model is (or is not) quantized.
+
+One small frozen dataclass, stored as ``q8_spec.json`` in every checkpoint and export, so a
+loaded model always knows how it was quantized. The arithmetic it describes lives in
+:mod:`q8core.reference`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import Q8Error
+
+#: ``qat``: Q8BERT quantization-aware fine-tuning (fake quantization in every forward pass).
+#: ``fp32``: no quantization at all.
+#: ``dq``: FP32 fine-tuning; at inference weights are 8-bit and activation scales are computed
+#: from each batch (the paper's post-training dynamic-quantization baseline).
+MODES = ("qat", "fp32", "dq")
+
+SPEC_FILE = "q8_spec.json"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Symmetric, linear, per-tensor quantization as in Q8BERT (see METHOD.md)."""
+
+    mode: str = "qat"
+    bits: int = 8
+    ema_decay: float = 0.9999
+    quantize_embeddings: bool = True
+    quantize_weights: bool = True
+    quantize_activations: bool = True
+    quantize_bias: bool = True  # int32 bias with scale S_W * S_x
+    bias_bits: int = 32
+    start_step: int = 0  # fake quantization starts after this many training steps
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise Q8Error(f"quantizer spec: mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise Q8Error(f"quantizer spec: bits must be an integer in 2..8, got {self.bits!r}")
+        if isinstance(self.bias_bits, bool) or not isinstance(self.bias_bits, int) or not 2 <= self.bias_bits <= 32:
+            raise Q8Error(f"quantizer spec: bias_bits must be an integer in 2..32, got {self.bias_bits!r}")
+        if not isinstance(self.ema_decay, (int, float)) or isinstance(self.ema_decay, bool) \
+                or not 0.0 < float(self.ema_decay) < 1.0:
+            raise Q8Error(f"quantizer spec: ema_decay must be in (0, 1), got {self.ema_decay!r}")
+        if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
+            raise Q8Error(f"quantizer spec: start_step must be a non-negative integer, got {self.start_step!r}")
+        for name in ("quantize_embeddings", "quantize_weights", "quantize_activations", "quantize_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise Q8Error(f"quantizer spec: {name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer of the symmetric range [-qmax, qmax]: 2^(M-1) - 1 (127 for 8 bits)."""
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def bias_qmax(self) -> int:
+        return 2 ** (self.bias_bits - 1) - 1
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the model carries quantized modules at all."""
+        return self.mode != "fp32"
+
+    # -- JSON round trip -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "quantizer spec") -> "QuantSpec":
+        if not isinstance(data, dict):
+            raise Q8Error(f"{where}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise Q8Error(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        try:
+            return cls(**data)
+        except Q8Error as exc:
+            raise Q8Error(f"{where}: {str(exc).removeprefix('quantizer spec: ')}") from None
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "quantizer spec") -> "QuantSpec":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise Q8Error(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(data, where)
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / SPEC_FILE
+        path.write_text(self.to_json() + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> "QuantSpec":
+        path = Path(directory) / SPEC_FILE
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise Q8Error(f"{path}: missing quantizer spec (is {directory} a q8 checkpoint?)") from None
+        return cls.from_json(text, where=str(path))
