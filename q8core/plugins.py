@@ -66,38 +66,56 @@ class Registry:
         return names
 
 
-def _collect(registry: Registry) -> None:
-    pm = registry.pm
+def _call_each(registry: Registry, hook, make_register) -> None:
+    """Call every implementation of a registration hook with its own ``register`` callback.
 
-    for impl in pm.hook.register_backends.get_hookimpls():
+    A plugin whose hook raises is recorded in ``registry.failures``; a name clash (Q8Error)
+    stops everything, because which plugin should win is the user's decision.
+    """
+    for impl in hook.get_hookimpls():
         version = registry.versions.get(impl.plugin_name, getattr(impl.plugin, "__version__", "-"))
+        try:
+            impl.function(register=make_register(impl.plugin_name, version))
+        except Q8Error:
+            raise
+        except Exception as exc:
+            registry.failures[impl.plugin_name] = _describe(exc)
 
-        def register_backend(cls: Any, _plugin: str = impl.plugin_name, _version: str = version) -> None:
+
+def _backend_registrar(registry: Registry):
+    def make_register(plugin: str, version: str):
+        def register(cls: Any) -> None:
             name = getattr(cls, "name", None)
             if not isinstance(name, str) or not name:
-                raise Q8Error(f"plugin {_plugin}: registered a backend without a name")
-            key = name.lower()
-            if key in registry.backends or key in registry._aliases:
-                first = registry.backends.get(registry._aliases.get(key, key))
-                raise Q8Error(f"backend {name!r} is registered twice: by plugin {first.plugin if first else '?'} "
-                              f"and by plugin {_plugin}")
-            registry.backends[key] = Registered(name, cls, _plugin, _version)
-            for alias in getattr(cls, "aliases", ()):
-                registry._aliases.setdefault(alias.lower(), key)
+                raise Q8Error(f"plugin {plugin}: registered a backend without a name")
+            names = [name, *getattr(cls, "aliases", ())]
+            for spelled in names:
+                owner = registry.backends.get(registry._aliases.get(spelled.lower(), spelled.lower()))
+                if owner is not None:
+                    raise Q8Error(f"backend {spelled!r} is registered twice: by plugin {owner.plugin} "
+                                  f"and by plugin {plugin}")
+            registry.backends[name.lower()] = Registered(name, cls, plugin, version)
+            for alias in names[1:]:
+                registry._aliases[alias.lower()] = name.lower()
+        return register
+    return make_register
 
-        impl.function(register=register_backend)
 
-    for impl in pm.hook.register_tasks.get_hookimpls():
-        version = registry.versions.get(impl.plugin_name, getattr(impl.plugin, "__version__", "-"))
-
-        def register_task(task: Task, _plugin: str = impl.plugin_name, _version: str = version) -> None:
+def _task_registrar(registry: Registry):
+    def make_register(plugin: str, version: str):
+        def register(task: Task) -> None:
             key = normalize_task_name(task.name)
             if key in registry.tasks:
                 raise Q8Error(f"task {task.name!r} is registered twice: by plugin "
-                              f"{registry.tasks[key].plugin} and by plugin {_plugin}")
-            registry.tasks[key] = Registered(task.name, task, _plugin, _version)
+                              f"{registry.tasks[key].plugin} and by plugin {plugin}")
+            registry.tasks[key] = Registered(task.name, task, plugin, version)
+        return register
+    return make_register
 
-        impl.function(register=register_task)
+
+def _describe(exc: BaseException) -> str:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {detail}".rstrip(": ")
 
 
 def load_registry(extra_plugins: tuple[object, ...] = ()) -> Registry:
@@ -117,12 +135,12 @@ def load_registry(extra_plugins: tuple[object, ...] = ()) -> Registry:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
         except Exception as exc:  # a broken plugin must not take the others down
-            detail = str(exc).splitlines()[0] if str(exc) else ""
-            registry.failures[ep.name] = f"{type(exc).__name__}: {detail}".rstrip(": ")
+            registry.failures[ep.name] = _describe(exc)
             continue
         if ep.dist is not None:
             registry.versions[ep.name] = f"{ep.dist.name} {ep.dist.version}"
     for plugin in extra_plugins:
         pm.register(plugin)
-    _collect(registry)
+    _call_each(registry, pm.hook.register_backends, _backend_registrar(registry))
+    _call_each(registry, pm.hook.register_tasks, _task_registrar(registry))
     return registry

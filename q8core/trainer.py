@@ -93,7 +93,7 @@ class Trainer:
         self.last_checkpoint = path
         self.registry.pm.hook.on_checkpoint_saved(trainer=self, step=self.step, path=path)
         protect = {self.best_checkpoint} if self.best_checkpoint else set()
-        checkpoints.rotate(self.output_dir, self.config.max_checkpoints, protect | {path})
+        checkpoints.rotate(self.output_dir, self.config.max_checkpoints, protect)
         self._write_state()
         return path
 
@@ -109,7 +109,9 @@ class Trainer:
         cfg = self.config
         metrics = evaluate(self.backend, self.task, eval_sets, cfg.eval_batch_size, self._trim)
         value = metrics[self.task.main_metric]
-        is_best = self.best_metric is None or value > self.best_metric
+        # NaN (e.g. a correlation of constant predictions) never beats a number
+        is_best = self.best_metric is None or (not math.isnan(value) and
+                                               (math.isnan(self.best_metric) or value > self.best_metric))
         if is_best:
             self.best_metric, self.best_step = value, self.step
         self.registry.pm.hook.on_evaluate(trainer=self, step=self.step, metrics=metrics, is_best=is_best)

@@ -138,7 +138,7 @@ class TorchBackend(Backend):
 
     def quant_state(self):
         return {name: float(module.input_ema) for name, module in quantized_modules(self.model)
-                if int(module.steps) > 0 and hasattr(module, "in_features")}
+                if hasattr(module, "ema_ready") and module.ema_ready}
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, directory):

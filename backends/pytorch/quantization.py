@@ -89,7 +89,9 @@ class _QuantState:
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
 
     def _quantizing_now(self) -> bool:
-        """In training, count the step; false while the spec's start-step delay lasts."""
+        """In training, count the step; false while the spec's start-step delay lasts (as in
+        nlp-architect, the layer is plain float32 then and its EMA starts with the first quantized
+        step)."""
         if not self.training:
             return True
         self.steps += 1
@@ -109,20 +111,12 @@ class QuantizedLinear(_QuantState, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
-        if spec.mode == "fp32" or (spec.mode == "dq" and self.training):
-            return F.linear(x, self.weight, self.bias)
-        if self.training and spec.quantize_activations:
-            batch_max = x.detach().abs().max()
-            ema = batch_max.to(torch.float32) if int(self.steps) == 0 else \
-                ema_update(self.input_ema, batch_max, spec.ema_decay)
-            self.input_ema.copy_(ema)
-        if not self._quantizing_now():
+        if spec.mode == "fp32" or (spec.mode == "dq" and self.training) or not self._quantizing_now():
             return F.linear(x, self.weight, self.bias)
         qmax = spec.qmax
         s_w = get_scale(self.weight.detach().abs().max(), qmax)
         if spec.quantize_activations:
-            dynamic = spec.mode == "dq" or int(self.steps) == 0  # dq, or a QAT model never trained
-            s_x = get_scale(x.detach().abs().max() if dynamic else self.input_ema, qmax)
+            s_x = get_scale(self._input_threshold(x), qmax)
         if spec.quantize_weights and spec.quantize_activations and (spec.quantize_bias or self.bias is None):
             return _IntegerLinear.apply(x, self.weight, self.bias, s_x, s_w, qmax, spec.bias_qmax)
         # partial quantization: fake-quantize what the spec asks for, in float32
@@ -130,6 +124,21 @@ class QuantizedLinear(_QuantState, nn.Linear):
         if spec.quantize_activations:
             x = ste(x, fake_quantize(x, s_x, qmax))
         return F.linear(x, weight, self.bias)
+
+    def _input_threshold(self, x: torch.Tensor) -> torch.Tensor:
+        """max|x| to quantize the input with: the EMA (updated first in training), or the batch's own
+        in dynamic quantization and for a QAT layer that has not had a quantized training step."""
+        if self.spec.mode == "dq" or (not self.training and not self.ema_ready):
+            return x.detach().abs().max()
+        if self.training:
+            batch_max = x.detach().abs().max()
+            first = int(self.steps) == self.spec.start_step + 1  # the first quantized step sets it
+            self.input_ema.copy_(batch_max if first else ema_update(self.input_ema, batch_max, self.spec.ema_decay))
+        return self.input_ema
+
+    @property
+    def ema_ready(self) -> bool:
+        return int(self.steps) > self.spec.start_step
 
 
 class QuantizedEmbedding(_QuantState, nn.Embedding):
