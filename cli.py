@@ -132,6 +132,29 @@ def eval_(checkpoint, data_dir, device, eval_batch_size, as_json):
 
 
 @cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="A checkpoint folder, or a run folder (its best checkpoint).")
+@click.option("--format", "fmt", required=True, help="hf: a plain Hugging Face model folder (FP32 weights).")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
+def export(checkpoint, fmt, output, overwrite):
+    """Export a checkpoint (with its quantizer spec) for use outside q8."""
+    path = checkpoints.resolve(checkpoint)
+    manifest = checkpoints.read_manifest(path)
+    backend_cls = _registry().backend(manifest["backend"])
+    backend_cls.check_export_format(fmt)
+    if output.exists() and not overwrite:
+        raise Q8Error(f"--output {output} exists; pass --overwrite to replace it")
+    spec = QuantSpec.load(path)
+    backend = backend_cls.from_checkpoint(path, spec=spec, device="cpu")
+    with checkpoints.atomic_dir(output) as tmp:
+        backend.export(tmp, fmt)
+        load_tokenizer(path).save_pretrained(str(tmp))
+        spec.save(tmp)
+    click.echo(f"exported {path} ({spec.mode}) as {fmt} to {output}")
+
+
+@cli.command()
 def plugins():
     """List the installed backends and tasks, with versions."""
     registry = _registry()

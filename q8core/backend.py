@@ -33,6 +33,8 @@ class Backend(abc.ABC):
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     #: Whether batches may be trimmed to their longest row (graph compilers prefer static shapes).
     dynamic_shapes: ClassVar[bool] = True
+    #: ``q8 export --format`` values this backend writes.
+    export_formats: ClassVar[tuple[str, ...]] = ()
 
     spec: QuantSpec
 
@@ -92,3 +94,16 @@ class Backend(abc.ABC):
     def save(self, directory: Path) -> list[str]:
         """Write weights, model config and quantizer state into ``directory`` (which exists);
         return the names of the files written."""
+
+    @classmethod
+    def check_export_format(cls, fmt: str) -> None:
+        """Raise :class:`Q8Error` (one line) unless ``fmt`` is one of ``export_formats``."""
+        if fmt not in cls.export_formats:
+            raise Q8Error(f"backend {cls.name!r} cannot export {fmt!r}; it exports: "
+                          f"{', '.join(cls.export_formats) or 'nothing'}")
+
+    def export(self, directory: Path, fmt: str) -> list[str]:
+        """Write the model in ``fmt`` (one of ``export_formats``) into ``directory`` (which exists);
+        the core adds the tokenizer and ``q8_spec.json``. Returns the names of the files written."""
+        self.check_export_format(fmt)
+        raise NotImplementedError(f"{type(self).__name__} lists {fmt!r} but does not export it")

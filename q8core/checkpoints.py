@@ -13,8 +13,9 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import Q8Error
 
@@ -32,14 +33,28 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_checkpoint(directory: Path, backend, tokenizer, info: dict[str, Any]) -> Path:
-    """Write a complete checkpoint into ``directory`` (replacing one that is there)."""
+@contextmanager
+def atomic_dir(directory: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces ``directory``, on error it
+    is removed, so ``directory`` is never seen half-written."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
+        yield tmp
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_checkpoint(directory: Path, backend, tokenizer, info: dict[str, Any]) -> Path:
+    """Write a complete checkpoint into ``directory`` (replacing one that is there)."""
+    with atomic_dir(directory) as tmp:
         backend.save(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -48,13 +63,7 @@ def write_checkpoint(directory: Path, backend, tokenizer, info: dict[str, Any]) 
                  for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {"format": FORMAT, "version": 1, "backend": backend.name, **info, "files": files}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:

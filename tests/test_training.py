@@ -135,3 +135,27 @@ def test_same_seed_same_run(tiny_bert, sst2_dir, tmp_path):
     b = _train(tiny_bert, sst2_dir, tmp_path / "b", epochs=1, eval_steps=None)
     assert _records(tmp_path / "a", "train")[-1]["loss"] == _records(tmp_path / "b", "train")[-1]["loss"]
     assert a.backend.quant_state() == b.backend.quant_state()
+
+
+def test_export_hf_is_a_plain_transformers_folder_with_the_same_logits(qat_run, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    trainer, data, run_dir = qat_run
+    out = tmp_path / "hf"
+    code, stdout, err = run_q8(["export", "--checkpoint", str(run_dir / "checkpoint-64"), "--format", "hf",
+                                "--output", str(out)], capsys)
+    assert code == 0, err
+    assert QuantSpec.load(out) == trainer.spec
+    exported = AutoModelForSequenceClassification.from_pretrained(str(out)).state_dict()  # plain HF
+    trained = trainer.backend.model.state_dict()  # the FP32 master weights of the last step
+    assert set(exported) == set(trained)
+    assert all(torch.equal(exported[name], trained[name]) for name in trained)
+    assert {"tokenizer.json", "config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    # exporting again refuses to overwrite; an unknown format is named
+    code, _, err = run_q8(["export", "--checkpoint", str(run_dir), "--format", "hf", "--output", str(out)], capsys)
+    assert code == 2 and "--overwrite" in err
+    code, _, err = run_q8(["export", "--checkpoint", str(run_dir), "--format", "onnx", "--output",
+                           str(tmp_path / "x")], capsys)
+    assert code == 2 and err == "q8: error: backend 'torch' cannot export 'onnx'; it exports: hf\n"
+    assert not (tmp_path / "x").exists()

@@ -53,6 +53,7 @@ class TorchBackend(Backend):
     aliases = ("pytorch",)
     devices = ("cpu", "gpu", "cuda")
     dynamic_shapes = True
+    export_formats = ("hf",)
 
     def __init__(self, model: torch.nn.Module, spec: QuantSpec, device: torch.device) -> None:
         self.model = model.to(device)
@@ -161,3 +162,9 @@ class TorchBackend(Backend):
         for name, module in modules.items():
             module.input_ema.copy_(state[f"{name}.input_ema"].reshape(()))
             module.steps.copy_(state[f"{name}.steps"].reshape(()))
+
+    def export(self, directory, fmt):
+        self.check_export_format(fmt)
+        # the quantized modules keep nn.Linear / nn.Embedding parameter names: a plain HF folder
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+        return sorted(p.name for p in Path(directory).iterdir())
