@@ -6,6 +6,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import traceback
@@ -109,8 +110,11 @@ def run(spec_file, ema_decay, quant_delay, mode, quiet, **options):
 @click.option("--data-dir", required=True, type=click.Path(path_type=Path), help="The task's GLUE folder.")
 @click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--eval-batch-size", type=int, default=32, show_default=True)
+@click.option("--mode", type=click.Choice(MODES),
+              help="Evaluate as this mode instead of the checkpoint's own: dq on an fp32 checkpoint is the "
+                   "paper's post-training dynamic quantization baseline; fp32 runs the master weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
-def eval_(checkpoint, data_dir, device, eval_batch_size, as_json):
+def eval_(checkpoint, data_dir, device, eval_batch_size, mode, as_json):
     """Evaluate a checkpoint on its task's dev set (backend and task come from the checkpoint)."""
     path = checkpoints.resolve(checkpoint)
     manifest = checkpoints.read_manifest(path)
@@ -122,6 +126,8 @@ def eval_(checkpoint, data_dir, device, eval_batch_size, as_json):
         raise Q8Error(f"{path}: its labels {labels} do not fit task {task.name} ({task.labels})")
     backend_cls.check_device(device)
     spec = QuantSpec.load(path)
+    if mode is not None:
+        spec = dataclasses.replace(spec, mode=mode)
     backend = backend_cls.from_checkpoint(path, spec=spec, device=device)
     eval_sets = load_eval_sets(task, data_dir, load_tokenizer(path), manifest.get("max_seq_length", 128))
     metrics = evaluate(backend, task, eval_sets, eval_batch_size, backend_cls.dynamic_shapes)

@@ -45,6 +45,8 @@ class Trainer:
         self.spec = config.spec
         self.output_dir = Path(config.output_dir)
         self.progress = progress
+        self._trim = self.backend_cls.dynamic_shapes and not config.pad_to_max_length
+        self.tokenizer = None
         self.step = 0
         self.best_metric: float | None = None
         self.best_step: int | None = None
@@ -124,7 +126,6 @@ class Trainer:
         cfg = self.config
         self._check_output_dir()
         self.tokenizer, train, eval_sets, self.backend = self._load()
-        self._trim = self.backend_cls.dynamic_shapes and not cfg.pad_to_max_length
         n = len(train["labels"])
         self.steps_per_epoch = math.ceil(n / cfg.train_batch_size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))

@@ -77,6 +77,17 @@ def write_split(folder: Path, name: str, data: bytes | str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The tiny runs are faster on one thread, and far faster when other work holds the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_bert, tmp_path_factory):
     """One tiny QAT run on toy SST-2 (16 steps): (run folder, data folder, its checkpoint)."""

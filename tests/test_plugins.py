@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cli
 from q8core import checkpoints
 from q8core.errors import Q8Error
 from q8core.hookspecs import hookimpl
 from q8core.plugins import load_registry
 from q8core.task import Example, Task
 from conftest import VOCAB
+from helpers import run_q8
 
 # -- a third-party backend: NumPy-only bag-of-words classifier / regressor ----------------------
 
@@ -188,18 +188,6 @@ def q8_subprocess(args: list[str], pythonpath: Path, plugins: str, cwd: Path) ->
     return subprocess.run(command + args, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def q8_inprocess(args: list[str], capsys) -> tuple[int, str, str]:
-    """``cli.main`` in this process: (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        cli.main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture
 def site(tmp_path, monkeypatch):
     """A fresh site-packages folder on sys.path; modules imported from it are forgotten afterwards."""
@@ -353,7 +341,7 @@ def test_broken_plugin_is_reported_and_others_keep_working(site, monkeypatch, ca
     with pytest.raises(Q8Error, match=r"unknown backend 'numpy-bow'; installed: torch \(failed to load: broken\)"):
         registry.backend("numpy-bow")
 
-    code, out, err = q8_inprocess(["plugins"], capsys)
+    code, out, err = run_q8(["plugins"], capsys)
     assert code == 0
     assert err.strip() == ("q8: warning: plugin broken failed to load: "
                            "ImportError: q8_broken_plugin needs libwarp.so, which is not installed")
@@ -399,7 +387,7 @@ def test_duplicate_backend_name_is_one_line_error(site, monkeypatch, capsys):
                         r"and by plugin (numpy-bow|bow-clone)", message), message
     assert "by plugin numpy-bow" in message and "by plugin bow-clone" in message
 
-    code, out, err = q8_inprocess(["plugins"], capsys)
+    code, out, err = run_q8(["plugins"], capsys)
     assert code == 2 and out == ""
     assert err == f"q8: error: {message}\n"
 
@@ -446,11 +434,11 @@ def test_unknown_backend_and_task_in_run(tmp_path, sst2_dir, capsys):
     out_dir = tmp_path / "never-created"
     base = ["run", "--data-dir", str(sst2_dir), "--output-dir", str(out_dir), "--model", str(tmp_path)]
 
-    code, out, err = q8_inprocess(base + ["--task", "sst-2", "--backend", "jax"], capsys)
+    code, out, err = run_q8(base + ["--task", "sst-2", "--backend", "jax"], capsys)
     assert code == 2 and out == ""
     assert err == "q8: error: unknown backend 'jax'; installed: torch\n"
 
-    code, out, err = q8_inprocess(base + ["--task", "sst-3"], capsys)
+    code, out, err = run_q8(base + ["--task", "sst-3"], capsys)
     assert code == 2 and out == ""
     assert err.startswith("q8: error: unknown task 'sst-3'; installed: ") and err.count("\n") == 1
     assert "sts-b" in err and "sst-2" in err and "mnli" in err
@@ -464,7 +452,7 @@ def test_unknown_backend_and_task_in_run(tmp_path, sst2_dir, capsys):
 def test_unknown_backend_lists_third_party_backends(site, monkeypatch, capsys, tmp_path, sst2_dir):
     install_numpy_backend(site)
     monkeypatch.setenv("Q8_PLUGINS", "torch,glue,numpy-bow")
-    code, out, err = q8_inprocess(["run", "--task", "sst-2", "--backend", "numpy", "--data-dir", str(sst2_dir),
+    code, out, err = run_q8(["run", "--task", "sst-2", "--backend", "numpy", "--data-dir", str(sst2_dir),
                                    "--output-dir", str(tmp_path / "out")], capsys)
     assert code == 2
     assert err == "q8: error: unknown backend 'numpy'; installed: numpy-bow, torch\n"
@@ -478,11 +466,11 @@ def test_empty_q8_plugins_loads_nothing(monkeypatch, capsys, tmp_path):
     registry = load_registry()
     assert registry.backends == {} and registry.tasks == {} and registry.failures == {}
 
-    code, out, err = q8_inprocess(["plugins"], capsys)
+    code, out, err = run_q8(["plugins"], capsys)
     assert code == 0 and err == ""
     assert out == "backends:\ntasks:\n"
 
-    code, out, err = q8_inprocess(["run", "--task", "sst-2", "--data-dir", str(tmp_path),
+    code, out, err = run_q8(["run", "--task", "sst-2", "--data-dir", str(tmp_path),
                                    "--output-dir", str(tmp_path / "out")], capsys)
     assert code == 2 and err == "q8: error: unknown task 'sst-2'; installed: none\n"
 

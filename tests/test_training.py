@@ -159,3 +159,22 @@ def test_export_hf_is_a_plain_transformers_folder_with_the_same_logits(qat_run, 
                            str(tmp_path / "x")], capsys)
     assert code == 2 and err == "q8: error: backend 'torch' cannot export 'onnx'; it exports: hf\n"
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_mode_dq_on_an_fp32_checkpoint_is_the_dynamic_quantization_baseline(tiny_bert, sst2_dir, tmp_path,
+                                                                                 capsys):
+    trainer = _train(tiny_bert, sst2_dir, tmp_path / "fp32", epochs=4, eval_steps=None, spec=QuantSpec(mode="fp32"))
+    ckpt = tmp_path / "fp32" / f"checkpoint-{trainer.step}"
+    code, out, err = run_q8(["eval", "--checkpoint", str(ckpt), "--data-dir", str(sst2_dir), "--mode", "dq",
+                             "--json"], capsys)
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["mode"] == "dq"
+    # the same numbers as a dq backend built in-process from the checkpoint
+    dq = TorchBackend.from_checkpoint(ckpt, spec=QuantSpec(mode="dq"), device="cpu")
+    arrays = load_eval_sets(trainer.task, sst2_dir, load_tokenizer(ckpt), 128)[""]
+    logits = predict(dq, arrays, 32, True)
+    assert shown["accuracy"] == float(np.mean(logits.argmax(-1) == arrays["labels"]))
+    assert not np.array_equal(logits, predict(trainer.backend, arrays, 32, True))  # it did quantize
+    code, _, err = run_q8(["eval", "--checkpoint", str(ckpt), "--data-dir", str(sst2_dir), "--mode", "qat"], capsys)
+    assert code == 2 and "--mode fp32 or dq" in err and err.count("\n") == 1

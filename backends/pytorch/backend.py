@@ -87,9 +87,10 @@ class TorchBackend(Backend):
         model = quantize_model(_load_hf_model(str(path)), spec)
         backend = cls(model, spec, torch_device(device))
         state_file = Path(path) / QUANT_STATE_FILE
-        if spec.quantized:
+        if spec.mode == "qat":  # dq needs no stored ranges: it measures every batch
             if not state_file.exists():
-                raise Q8Error(f"{path}: quantized checkpoint without {QUANT_STATE_FILE}")
+                raise Q8Error(f"{path}: no {QUANT_STATE_FILE} (QAT activation ranges); "
+                              f"a checkpoint trained without QAT evaluates with --mode fp32 or dq")
             backend.load_quant_state(load_file(str(state_file)), where=str(state_file))
         return backend
 
