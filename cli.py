@@ -58,12 +58,14 @@ def cli(ctx, debug):
               help="Pretrained BERT: a Hugging Face hub id or a local folder.")
 @click.option("--backend", default="torch", show_default=True, help="Backend plugin (see `q8 plugins`).")
 @click.option("--device", default="cpu", show_default=True, callback=_device, help="cpu, gpu[:N] or ascend[:N].")
-@click.option("--mode", type=click.Choice(MODES), default="qat", show_default=True,
-              help="qat: Q8BERT; fp32: no quantization; dq: FP32 training, dynamic 8-bit inference.")
-@click.option("--spec", "spec_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Quantizer spec JSON (its mode is replaced by --mode when that is given).")
-@click.option("--ema-decay", type=float, help="EMA decay of activation ranges (spec default 0.9999).")
-@click.option("--quant-delay", type=int, help="Start fake quantization after this many steps.")
+@click.option("--mode", type=click.Choice(MODES),
+              help="qat: Q8BERT (default); fp32: no quantization; dq: FP32 training, dynamic 8-bit inference.")
+@click.option("--spec", "spec_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Quantizer spec JSON; --mode, --ema-decay and --quant-delay override its fields.")
+@click.option("--ema-decay", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="EMA decay of activation ranges, in (0, 1) (spec default 0.9999).")
+@click.option("--quant-delay", type=click.IntRange(min=0),
+              help="Train this many steps in FP32 before fake quantization (and the EMA) start.")
 @click.option("--epochs", type=float, default=3.0, show_default=True)
 @click.option("--max-steps", type=int, help="Total training steps; overrides --epochs.")
 @click.option("--train-batch-size", type=int, default=16, show_default=True)
@@ -86,14 +88,9 @@ def run(spec_file, ema_decay, quant_delay, mode, quiet, **options):
     """Fine-tune a pretrained BERT on a GLUE task (Q8BERT QAT by default)."""
     from q8core.trainer import Trainer
 
-    spec = QuantSpec.from_json(spec_file.read_text(encoding="utf-8"), where=str(spec_file)) \
-        if spec_file else QuantSpec()
-    overrides = {"mode": mode}
-    if ema_decay is not None:
-        overrides["ema_decay"] = ema_decay
-    if quant_delay is not None:
-        overrides["start_step"] = quant_delay
-    spec = QuantSpec.from_dict({**spec.to_dict(), **overrides}, where="quantizer options")
+    spec = _read_spec(spec_file) if spec_file else QuantSpec()
+    overrides = {"mode": mode, "ema_decay": ema_decay, "start_step": quant_delay}
+    spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     options["data_dir"], options["output_dir"] = str(options["data_dir"]), str(options["output_dir"])
     config = RunConfig(spec=spec, **options)
     results = Trainer(config, _registry(), progress=not quiet).run()
@@ -104,12 +101,20 @@ def run(spec_file, ema_decay, quant_delay, mode, quiet, **options):
                f"({results['sec_per_step']:.3f} s/step); run folder: {config.output_dir}")
 
 
+def _read_spec(path: Path) -> QuantSpec:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Q8Error(f"--spec {path}: cannot read it ({type(exc).__name__})") from None
+    return QuantSpec.from_json(text, where=str(path))
+
+
 @cli.command("eval")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
               help="A checkpoint folder, or a run folder (its best checkpoint).")
 @click.option("--data-dir", required=True, type=click.Path(path_type=Path), help="The task's GLUE folder.")
 @click.option("--device", default="cpu", show_default=True, callback=_device)
-@click.option("--eval-batch-size", type=int, default=32, show_default=True)
+@click.option("--eval-batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--mode", type=click.Choice(MODES),
               help="Evaluate as this mode instead of the checkpoint's own: dq on an fp32 checkpoint is the "
                    "paper's post-training dynamic quantization baseline; fp32 runs the master weights.")
@@ -186,8 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("q8: aborted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # usage errors too: one line, like every other error
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        click.echo(f"q8: error: {exc.format_message()}{hint}", err=True)
         sys.exit(exc.exit_code)
     except Q8Error as exc:
         if debug:

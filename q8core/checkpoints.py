@@ -100,7 +100,11 @@ def resolve(path: Path) -> Path:
         return path
     state_file = path / TRAINER_STATE_FILE
     if state_file.exists():
-        state = json.loads(state_file.read_text(encoding="utf-8"))
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise Q8Error(f"{state_file}: unreadable ({type(exc).__name__}); "
+                          f"pass a checkpoint-N folder instead") from None
         for key in ("best_checkpoint", "last_checkpoint"):
             if state.get(key) and (path / state[key] / MANIFEST_FILE).exists():
                 return path / state[key]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,14 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise Q8Error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.epochs <= 0 and self.max_steps is None:
-            raise Q8Error(f"--epochs must be positive, got {self.epochs}")
-        if self.learning_rate <= 0:
-            raise Q8Error(f"--learning-rate must be positive, got {self.learning_rate}")
+        if self.max_steps is None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise Q8Error(f"--epochs must be a positive number, got {self.epochs}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise Q8Error(f"--learning-rate must be a positive number, got {self.learning_rate}")
+        for name in ("weight_decay", "max_grad_norm", "adam_epsilon"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise Q8Error(f"--{name.replace('_', '-')} must be a non-negative number, got {value}")
         if not 0 <= self.warmup_ratio < 1:
             raise Q8Error(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_seq_length > 512:

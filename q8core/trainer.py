@@ -61,6 +61,9 @@ class Trainer:
         out = self.output_dir
         if out.exists() and not out.is_dir():
             raise Q8Error(f"--output-dir {out} is a file, not a folder")
+        existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+        if not existing.is_dir():
+            raise Q8Error(f"--output-dir {out}: {existing} is a file, not a folder")
         if out.is_dir() and any(out.iterdir()) and not self.config.overwrite:
             what = "a previous run" if (out / RUN_CONFIG_FILE).exists() else "other files"
             raise Q8Error(f"--output-dir {out} already holds {what}; pass --overwrite to replace it")
