@@ -107,3 +107,22 @@ class Backend(abc.ABC):
         the core adds the tokenizer and ``q8_spec.json``. Returns the names of the files written."""
         self.check_export_format(fmt)
         raise NotImplementedError(f"{type(self).__name__} lists {fmt!r} but does not export it")
+
+
+def unavailable_backend(name: str, reason: str) -> type[Backend]:
+    """A stand-in for a backend whose framework is not installed.
+
+    ``q8 plugins`` lists it with ``reason``; any attempt to use it fails with ``reason`` in one line.
+    """
+
+    def refuse(*args, **kwargs):
+        raise Q8Error(f"backend {name!r} is not usable here: {reason}")
+
+    namespace = {
+        "name": name, "devices": (),
+        "framework_version": classmethod(lambda cls: f"unavailable: {reason}"),
+        "check_device": classmethod(lambda cls, device: refuse()),
+        "from_pretrained": classmethod(refuse), "from_checkpoint": classmethod(refuse),
+        **{method: refuse for method in ("configure_optimizer", "train_step", "learning_rate", "predict", "save")},
+    }
+    return type(f"Unavailable_{name}", (Backend,), namespace)

@@ -24,6 +24,7 @@ from q8core.errors import Q8Error
 from q8core.hookspecs import hookimpl
 from q8core.plugins import load_registry
 from q8core.task import Example, Task
+import cli
 from conftest import VOCAB
 from helpers import run_q8
 
@@ -517,3 +518,25 @@ def test_numpy_backend_contract_in_process(site, monkeypatch, tmp_path):
     np.testing.assert_array_equal(again.predict(batch), logits)
     with pytest.raises(Q8Error, match="does not support device 'gpu'"):
         cls.check_device("gpu")
+
+
+# -- 7. a backend whose framework is missing is listed, and says how to install it -------------
+
+def test_unavailable_backend_is_listed_and_refuses_with_the_install_hint(monkeypatch, capsys, tmp_path, sst2_dir):
+    from q8core.backend import unavailable_backend
+
+    class Missing:
+        @staticmethod
+        @hookimpl
+        def register_backends(register):
+            register(unavailable_backend("jaxbert", "JAX is not installed (pip install jax)"))
+
+    monkeypatch.setattr(cli, "load_registry", lambda: load_registry(extra_plugins=(Missing,)))
+    code, out, _ = run_q8(["plugins"], capsys)
+    assert code == 0
+    assert re.search(r"^\s+jaxbert\s+Missing -\s+\[unavailable: JAX is not installed \(pip install jax\)\]$", out, re.M)
+    code, out, err = run_q8(["run", "--backend", "jaxbert", "--task", "sst-2", "--data-dir", str(sst2_dir),
+                             "--output-dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and out == ""
+    assert err == "q8: error: backend 'jaxbert' is not usable here: JAX is not installed (pip install jax)\n"
+    assert not (tmp_path / "out").exists()
