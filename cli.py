@@ -51,8 +51,9 @@ def cli(ctx, debug):
 
 @cli.command()
 @click.option("--task", required=True, help="GLUE task: sts-b, sst-2, qnli, mrpc, rte, cola, qqp, mnli, wnli.")
-@click.option("--data-dir", required=True, type=click.Path(path_type=Path),
-              help="Folder with the task's GLUE TSV files (train.tsv, dev.tsv).")
+@click.option("--data-dir", type=click.Path(path_type=Path),
+              help="The task's GLUE folder (train.tsv, dev.tsv) or a saved `datasets` copy "
+                   "[default: nyu-mll/glue from the Hugging Face hub].")
 @click.option("--output-dir", required=True, type=click.Path(path_type=Path), help="Run folder to create.")
 @click.option("--model", default="bert-base-uncased", show_default=True,
               help="Pretrained BERT: a Hugging Face hub id or a local folder.")
@@ -91,7 +92,8 @@ def run(spec_file, ema_decay, quant_delay, mode, quiet, **options):
     spec = _read_spec(spec_file) if spec_file else QuantSpec()
     overrides = {"mode": mode, "ema_decay": ema_decay, "start_step": quant_delay}
     spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
-    options["data_dir"], options["output_dir"] = str(options["data_dir"]), str(options["output_dir"])
+    options["data_dir"] = None if options["data_dir"] is None else str(options["data_dir"])
+    options["output_dir"] = str(options["output_dir"])
     config = RunConfig(spec=spec, **options)
     results = Trainer(config, _registry(), progress=not quiet).run()
     click.echo(f"{results['task']} {results['mode']} ({results['backend']}): {format_metrics(results['metrics'])}")
@@ -112,7 +114,8 @@ def _read_spec(path: Path) -> QuantSpec:
 @cli.command("eval")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
               help="A checkpoint folder, or a run folder (its best checkpoint).")
-@click.option("--data-dir", required=True, type=click.Path(path_type=Path), help="The task's GLUE folder.")
+@click.option("--data-dir", type=click.Path(path_type=Path),
+              help="The task's GLUE folder or `datasets` copy [default: nyu-mll/glue from the hub].")
 @click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--mode", type=click.Choice(MODES),

@@ -19,7 +19,7 @@ RUN_CONFIG_FILE = "run_config.json"
 class RunConfig:
     task: str
     model: str
-    data_dir: str
+    data_dir: str | None  # None: the task's default source (GLUE from the Hugging Face hub)
     output_dir: str
     backend: str = "torch"
     device: str = "cpu"

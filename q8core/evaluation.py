@@ -11,9 +11,11 @@ from .task import Task
 from .tokenization import batches, encode
 
 
-def load_eval_sets(task: Task, data_dir: Path, tokenizer, max_seq_length: int) -> dict[str, dict[str, np.ndarray]]:
+def load_eval_sets(task: Task, data_dir: Path | None, tokenizer,
+                   max_seq_length: int) -> dict[str, dict[str, np.ndarray]]:
     """Tokenized dev split(s) of ``task``, keyed by metric-name suffix (``""``, ``"_mm"``)."""
-    return {suffix: encode(task.read(Path(data_dir), split), tokenizer, task, max_seq_length)
+    data_dir = None if data_dir is None else Path(data_dir)
+    return {suffix: encode(task.read(data_dir, split), tokenizer, task, max_seq_length)
             for suffix, split in task.eval_splits.items()}
 
 

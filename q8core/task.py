@@ -56,8 +56,9 @@ class Task:
     def num_labels(self) -> int:
         return 1 if self.labels is None else len(self.labels)
 
-    def read(self, data_dir: Path, split: str) -> list[Example]:  # pragma: no cover - interface
-        """All examples of ``split`` (``train``, ``dev``, ...) from ``data_dir``."""
+    def read(self, data_dir: Path | None, split: str) -> list[Example]:  # pragma: no cover - interface
+        """All examples of ``split`` (``train``, ``dev``, ...) from ``data_dir``; ``None`` means the
+        task's default source (GLUE: the Hugging Face hub)."""
         raise NotImplementedError
 
     def predictions(self, logits: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import Q8Error
+from .errors import load_error
 from .task import Example, Task
 
 FEATURES = ("input_ids", "attention_mask", "token_type_ids")
@@ -25,8 +25,7 @@ def load_tokenizer(source: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise Q8Error(f"cannot load a tokenizer from {source}: {first}") from None
+        raise load_error(str(source), exc) from None
 
 
 def encode(examples: list[Example], tokenizer, task: Task, max_seq_length: int) -> dict[str, np.ndarray]:

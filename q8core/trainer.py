@@ -80,7 +80,7 @@ class Trainer:
 
     def _load(self):
         cfg = self.config
-        data_dir = Path(cfg.data_dir)
+        data_dir = Path(cfg.data_dir) if cfg.data_dir else None
         train = self.task.read(data_dir, "train")
         tokenizer = load_tokenizer(cfg.model)
         train_arrays = encode(train, tokenizer, self.task, cfg.max_seq_length)

@@ -34,6 +34,8 @@ from q8core.errors import Q8Error
 from q8core.hookspecs import hookimpl
 from q8core.task import Example, Task
 
+from . import hub
+
 _BOM = b"\xef\xbb\xbf"
 Row = tuple[int, list[str]]  # (1-based line number, fields)
 
@@ -46,8 +48,13 @@ class GlueTask(Task):
     text_b_column: str | int | None
     label_column: str | int
     num_columns: int | None = None  # headerless files (CoLA): the fixed column count
+    hub_config: str = ""  # the configuration of nyu-mll/glue on the Hugging Face hub
+    hub_text_columns: tuple[str, str | None] = ("sentence", None)
 
-    def read(self, data_dir: Path | str, split: str) -> list[Example]:
+    def read(self, data_dir: Path | str | None, split: str) -> list[Example]:
+        """``split`` from a GLUE TSV folder, a local `datasets` copy, or (``data_dir`` None) the hub."""
+        if data_dir is None or hub.is_local_copy(Path(data_dir)):
+            return hub.read(self, None if data_dir is None else Path(data_dir), split)
         path = _split_file(Path(data_dir), split)
         rows = _rows(path)
         if self.num_columns is None:
@@ -137,27 +144,34 @@ def _rows(path: Path) -> list[Row]:
     return rows
 
 
-def _glue(name: str, labels, metrics, a, b, label, description: str, **extra) -> GlueTask:
+def _glue(name: str, labels, metrics, a, b, label, description: str, hub: tuple, **extra) -> GlueTask:
     return GlueTask(name=name, labels=labels, metrics=metrics, main_metric=metrics[0], text_a_column=a,
-                    text_b_column=b, label_column=label, description=description, **extra)
+                    text_b_column=b, label_column=label, description=description, hub_config=hub[0],
+                    hub_text_columns=hub[1:], **extra)
 
 
 _BINARY, _NLI2 = ("0", "1"), ("entailment", "not_entailment")
 
 GLUE_TASKS: list[GlueTask] = [
-    _glue("cola", _BINARY, ("mcc", "accuracy"), 3, None, 1, "CoLA: grammatical acceptability", num_columns=4),
-    _glue("sst-2", _BINARY, ("accuracy",), "sentence", None, "label", "SST-2: sentiment of movie reviews"),
-    _glue("mrpc", _BINARY, ("f1", "accuracy"), "#1 String", "#2 String", "Quality", "MRPC: paraphrase detection"),
+    _glue("cola", _BINARY, ("mcc", "accuracy"), 3, None, 1, "CoLA: grammatical acceptability",
+          ("cola", "sentence", None), num_columns=4),
+    _glue("sst-2", _BINARY, ("accuracy",), "sentence", None, "label", "SST-2: sentiment of movie reviews",
+          ("sst2", "sentence", None)),
+    _glue("mrpc", _BINARY, ("f1", "accuracy"), "#1 String", "#2 String", "Quality", "MRPC: paraphrase detection",
+          ("mrpc", "sentence1", "sentence2")),
     _glue("sts-b", None, ("pearson", "spearmanr", "corr"), "sentence1", "sentence2", "score",
-          "STS-B: semantic similarity score, 0-5 (regression)"),
+          "STS-B: semantic similarity score, 0-5 (regression)", ("stsb", "sentence1", "sentence2")),
     _glue("qqp", _BINARY, ("f1", "accuracy"), "question1", "question2", "is_duplicate",
-          "QQP: duplicate Quora questions"),
+          "QQP: duplicate Quora questions", ("qqp", "question1", "question2")),
     _glue("mnli", ("contradiction", "entailment", "neutral"), ("accuracy",), "sentence1", "sentence2",
           "gold_label", "MNLI: natural language inference, matched and mismatched dev",
-          eval_splits={"": "dev_matched", "_mm": "dev_mismatched"}),
-    _glue("qnli", _NLI2, ("accuracy",), "question", "sentence", "label", "QNLI: does the sentence answer the question"),
-    _glue("rte", _NLI2, ("accuracy",), "sentence1", "sentence2", "label", "RTE: textual entailment"),
-    _glue("wnli", _BINARY, ("accuracy",), "sentence1", "sentence2", "label", "WNLI: Winograd pronoun resolution"),
+          ("mnli", "premise", "hypothesis"), eval_splits={"": "dev_matched", "_mm": "dev_mismatched"}),
+    _glue("qnli", _NLI2, ("accuracy",), "question", "sentence", "label", "QNLI: does the sentence answer the question",
+          ("qnli", "question", "sentence")),
+    _glue("rte", _NLI2, ("accuracy",), "sentence1", "sentence2", "label", "RTE: textual entailment",
+          ("rte", "sentence1", "sentence2")),
+    _glue("wnli", _BINARY, ("accuracy",), "sentence1", "sentence2", "label", "WNLI: Winograd pronoun resolution",
+          ("wnli", "sentence1", "sentence2")),
 ]
 
 

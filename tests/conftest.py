@@ -14,6 +14,7 @@ import pytest
 # Tests see only the built-in plugins, whatever else is installed on the machine.
 os.environ["Q8_PLUGINS"] = "torch,glue"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 POSITIVE = ["good", "great", "fine", "nice", "superb"]
