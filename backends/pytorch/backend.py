@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from q8core.backend import Backend
-from q8core.errors import Q8Error
+from q8core.errors import Q8Error, load_error
 from q8core.spec import QuantSpec
 
 from .quantization import quantize_model, quantized_modules
@@ -30,11 +30,6 @@ def torch_device(device: str) -> torch.device:
     return torch.device("cuda", number)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _load_hf_model(source: str, **config_kwargs):
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -45,7 +40,7 @@ def _load_hf_model(source: str, **config_kwargs):
         config = AutoConfig.from_pretrained(source, **config_kwargs)
         return AutoModelForSequenceClassification.from_pretrained(source, config=config)
     except (OSError, ValueError, KeyError) as exc:
-        raise Q8Error(f"cannot load a model from {source}: {_first_line(exc)}") from None
+        raise load_error(source, exc) from None
 
 
 class TorchBackend(Backend):
