@@ -50,11 +50,11 @@ def cli(ctx, debug):
 
 
 @cli.command()
-@click.option("--task", required=True, help="GLUE task: sts-b, sst-2, qnli, mrpc, rte, cola, qqp, mnli, wnli.")
+@click.option("--task", help="GLUE task: sts-b, sst-2, qnli, mrpc, rte, cola, qqp, mnli, wnli.  [required]")
 @click.option("--data-dir", type=click.Path(path_type=Path),
               help="The task's GLUE folder (train.tsv, dev.tsv) or a saved `datasets` copy "
                    "[default: nyu-mll/glue from the Hugging Face hub].")
-@click.option("--output-dir", required=True, type=click.Path(path_type=Path), help="Run folder to create.")
+@click.option("--output-dir", type=click.Path(path_type=Path), help="Run folder to create.  [required]")
 @click.option("--model", default="bert-base-uncased", show_default=True,
               help="Pretrained BERT: a Hugging Face hub id or a local folder.")
 @click.option("--backend", default="torch", show_default=True, help="Backend plugin (see `q8 plugins`).")
@@ -85,17 +85,45 @@ def cli(ctx, debug):
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --output-dir.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(spec_file, ema_decay, quant_delay, mode, quiet, **options):
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Continue the run in DIR from its newest complete checkpoint, with the run's own settings.")
+@click.pass_context
+def run(ctx, spec_file, ema_decay, quant_delay, mode, quiet, resume_dir, **options):
     """Fine-tune a pretrained BERT on a GLUE task (Q8BERT QAT by default)."""
     from q8core.trainer import Trainer
 
+    if resume_dir is not None:
+        return _resume(ctx, resume_dir, quiet)
+    for name in ("task", "output_dir"):
+        if options[name] is None:
+            raise click.UsageError(f"Missing option '--{name.replace('_', '-')}'.", ctx)
     spec = _read_spec(spec_file) if spec_file else QuantSpec()
     overrides = {"mode": mode, "ema_decay": ema_decay, "start_step": quant_delay}
     spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     options["data_dir"] = None if options["data_dir"] is None else str(options["data_dir"])
     options["output_dir"] = str(options["output_dir"])
     config = RunConfig(spec=spec, **options)
-    results = Trainer(config, _registry(), progress=not quiet).run()
+    _report(Trainer(config, _registry(), progress=not quiet).run(), config)
+
+
+def _resume(ctx, run_dir: Path, quiet: bool) -> None:
+    from click.core import ParameterSource
+
+    from q8core.trainer import Trainer
+
+    given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume_dir", "quiet")
+             and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+    if given:
+        raise Q8Error(f"--resume continues {run_dir} with the settings in its run_config.json; drop {given[0]}")
+    config = dataclasses.replace(RunConfig.load(run_dir), output_dir=str(run_dir))
+    checkpoint, skipped = checkpoints.newest_complete(run_dir)
+    for reason in skipped:
+        click.echo(f"q8: warning: skipping a damaged checkpoint: {reason}", err=True)
+    click.echo(f"resuming {run_dir} from {checkpoint.name}", err=True)
+    _report(Trainer(config, _registry(), progress=not quiet).run(resume_from=checkpoint), config)
+
+
+def _report(results: dict, config: RunConfig) -> None:
     click.echo(f"{results['task']} {results['mode']} ({results['backend']}): {format_metrics(results['metrics'])}")
     if results["best_step"] is not None:
         click.echo(f"best {results['main_metric']} {results['best_metric']:.4f} at step {results['best_step']}")

@@ -35,6 +35,8 @@ class Backend(abc.ABC):
     dynamic_shapes: ClassVar[bool] = True
     #: ``q8 export --format`` values this backend writes.
     export_formats: ClassVar[tuple[str, ...]] = ()
+    #: Whether the backend implements the training-state methods that ``q8 run --resume`` needs.
+    resumable: ClassVar[bool] = False
 
     spec: QuantSpec
 
@@ -94,6 +96,15 @@ class Backend(abc.ABC):
     def save(self, directory: Path) -> list[str]:
         """Write weights, model config and quantizer state into ``directory`` (which exists);
         return the names of the files written."""
+
+    def save_training_state(self, directory: Path) -> list[str]:
+        """Write what an exact resume needs beyond :meth:`save`: optimizer moments, learning-rate
+        schedule position, the framework's RNG state. Only called when ``resumable``."""
+        raise NotImplementedError
+
+    def load_training_state(self, directory: Path) -> None:
+        """Read back :meth:`save_training_state` (after :meth:`configure_optimizer`)."""
+        raise Q8Error(f"backend {self.name!r} cannot resume a run")
 
     @classmethod
     def check_export_format(cls, fmt: str) -> None:

@@ -15,7 +15,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import Q8Error
 
@@ -52,13 +52,17 @@ def atomic_dir(directory: Path) -> Iterator[Path]:
         raise
 
 
-def write_checkpoint(directory: Path, backend, tokenizer, info: dict[str, Any]) -> Path:
-    """Write a complete checkpoint into ``directory`` (replacing one that is there)."""
+def write_checkpoint(directory: Path, backend, tokenizer, info: dict[str, Any],
+                     extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a complete checkpoint into ``directory`` (replacing one that is there); ``extra`` adds
+    files (the trainer's resume state) before the manifest lists them."""
     with atomic_dir(directory) as tmp:
         backend.save(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         backend.spec.save(tmp)
+        if extra is not None:
+            extra(tmp)
         files = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {"format": FORMAT, "version": 1, "backend": backend.name, **info, "files": files}
@@ -114,6 +118,18 @@ def resolve(path: Path) -> Path:
     if not path.exists():
         raise Q8Error(f"{path}: no such checkpoint or run folder")
     raise Q8Error(f"{path}: neither a q8 checkpoint nor a run folder with checkpoints")
+
+
+def newest_complete(run_dir: Path) -> tuple[Path, list[str]]:
+    """The newest checkpoint of a run whose files match its manifest, and why newer ones were skipped."""
+    skipped = []
+    for path in reversed(list_checkpoints(run_dir) if Path(run_dir).is_dir() else []):
+        try:
+            read_manifest(path)
+            return path, skipped
+        except Q8Error as exc:
+            skipped.append(str(exc))
+    raise Q8Error(f"{run_dir}: no complete checkpoint to resume from")
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

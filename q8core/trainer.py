@@ -25,14 +25,19 @@ from .plugins import Registry
 from .tokenization import batches, encode, load_tokenizer
 
 EVAL_RESULTS_FILE = "eval_results.json"
+RESUME_STATE_FILE = "resume_state.json"
 RUN_OUTPUTS = (RUN_CONFIG_FILE, METRICS_LOG, EVAL_RESULTS_FILE, checkpoints.TRAINER_STATE_FILE)
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON under a temporary name, then rename it into place."""
+def write_text(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename into place: never a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 class Trainer:
@@ -52,6 +57,12 @@ class Trainer:
         self.best_step: int | None = None
         self.best_checkpoint: Path | None = None
         self.last_checkpoint: Path | None = None
+        self._metrics: dict[str, float] = {}  # the latest evaluation
+        self._losses: list[float] = []  # training losses since the last log
+        self._epoch_rng_state: dict | None = None  # data-order RNG at the start of this epoch
+        self._batch_in_epoch: int | None = None  # batches of this epoch already trained
+        self._elapsed_before = 0.0  # training seconds of the run before a resume
+        self._started = time.perf_counter()
         self.backend = None
         self.total_steps = 0
         self.steps_per_epoch = 1
@@ -78,29 +89,48 @@ class Trainer:
                 child.unlink()
         self.config.save(out)
 
-    def _load(self):
+    def _load(self, resume_from: Path | None):
+        """Data, tokenizer and model: from the pretrained model, or from the checkpoint resumed."""
         cfg = self.config
         data_dir = Path(cfg.data_dir) if cfg.data_dir else None
         train = self.task.read(data_dir, "train")
-        tokenizer = load_tokenizer(cfg.model)
+        tokenizer = load_tokenizer(resume_from or cfg.model)
         train_arrays = encode(train, tokenizer, self.task, cfg.max_seq_length)
         eval_sets = load_eval_sets(self.task, data_dir, tokenizer, cfg.max_seq_length) if cfg.do_eval else {}
-        backend = self.backend_cls.from_pretrained(cfg.model, labels=self.task.labels, spec=self.spec,
-                                                   device=cfg.device, seed=cfg.seed)
+        if resume_from is not None:
+            backend = self.backend_cls.from_checkpoint(resume_from, spec=self.spec, device=cfg.device)
+        else:
+            backend = self.backend_cls.from_pretrained(cfg.model, labels=self.task.labels, spec=self.spec,
+                                                       device=cfg.device, seed=cfg.seed)
         return tokenizer, train_arrays, eval_sets, backend
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _save(self, metrics: dict[str, float] | None) -> Path:
-        path = self.output_dir / f"checkpoint-{self.step}"
+    def _checkpoint_path(self) -> Path:
+        return self.output_dir / f"checkpoint-{self.step}"
+
+    def _save(self) -> Path:
+        path = self._checkpoint_path()
         info = {"task": self.task.name, "labels": list(self.task.labels) if self.task.labels else None,
-                "step": self.step, "max_seq_length": self.config.max_seq_length, "metrics": metrics or {}}
-        checkpoints.write_checkpoint(path, self.backend, self.tokenizer, info)
+                "step": self.step, "max_seq_length": self.config.max_seq_length, "metrics": self._metrics}
         self.last_checkpoint = path
+        checkpoints.write_checkpoint(path, self.backend, self.tokenizer, info, extra=self._save_resume_state)
         self.registry.pm.hook.on_checkpoint_saved(trainer=self, step=self.step, path=path)
         protect = {self.best_checkpoint} if self.best_checkpoint else set()
         checkpoints.rotate(self.output_dir, self.config.max_checkpoints, protect)
         self._write_state()
         return path
+
+    def _save_resume_state(self, directory: Path) -> None:
+        """What ``--resume`` needs beyond the model: data position, RNG, best so far, optimizer."""
+        if not self.backend.resumable:
+            return
+        self.backend.save_training_state(directory)
+        (directory / RESUME_STATE_FILE).write_text(json.dumps({
+            "step": self.step, "epoch_rng_state": self._epoch_rng_state, "batch_in_epoch": self._batch_in_epoch,
+            "pending_losses": self._losses, "metrics": self._metrics, "best_metric": self.best_metric,
+            "best_step": self.best_step, "best_checkpoint": self.best_checkpoint.name if self.best_checkpoint else None,
+            "elapsed_s": self._elapsed(),
+        }, indent=2) + "\n", encoding="utf-8")
 
     def _write_state(self) -> None:
         write_json(self.output_dir / checkpoints.TRAINER_STATE_FILE, {
@@ -110,79 +140,116 @@ class Trainer:
             "last_checkpoint": self.last_checkpoint.name if self.last_checkpoint else None,
         })
 
-    def _evaluate(self, eval_sets) -> dict[str, float]:
+    def _evaluate(self, eval_sets) -> None:
         cfg = self.config
-        metrics = evaluate(self.backend, self.task, eval_sets, cfg.eval_batch_size, self._trim)
-        value = metrics[self.task.main_metric]
+        self._metrics = evaluate(self.backend, self.task, eval_sets, cfg.eval_batch_size, self._trim)
+        value = self._metrics[self.task.main_metric]
         # NaN (e.g. a correlation of constant predictions) never beats a number
         is_best = self.best_metric is None or (not math.isnan(value) and
                                                (math.isnan(self.best_metric) or value > self.best_metric))
         if is_best:
             self.best_metric, self.best_step = value, self.step
-        self.registry.pm.hook.on_evaluate(trainer=self, step=self.step, metrics=metrics, is_best=is_best)
+            self.best_checkpoint = self._checkpoint_path()
+        self.registry.pm.hook.on_evaluate(trainer=self, step=self.step, metrics=self._metrics, is_best=is_best)
         if is_best:
-            self.best_checkpoint = self._save(metrics)
-        return metrics
+            self._save()
 
     # -- the loop ------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, resume_from: Path | None = None) -> dict:
+        """Train (from the pretrained model, or continuing the checkpoint ``resume_from``)."""
         cfg = self.config
-        self._check_output_dir()
-        self.tokenizer, train, eval_sets, self.backend = self._load()
+        if resume_from is None:
+            self._check_output_dir()
+        self.tokenizer, train, eval_sets, self.backend = self._load(resume_from)
         n = len(train["labels"])
         self.steps_per_epoch = math.ceil(n / cfg.train_batch_size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
-        eval_every = cfg.eval_steps or self.steps_per_epoch
         self.backend.configure_optimizer(
             learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
             warmup_steps=int(cfg.warmup_ratio * self.total_steps), total_steps=self.total_steps,
             adam_epsilon=cfg.adam_epsilon, max_grad_norm=cfg.max_grad_norm)
+        if resume_from is None:
+            self._prepare_output_dir()
+        else:
+            self._restore(resume_from)
 
-        self._prepare_output_dir()
         plugins = [ProgressBar(disable=not self.progress), MetricsLog(self.output_dir)]
         for plugin in plugins:
             self.registry.pm.register(plugin)
         try:
-            return self._loop(train, eval_sets, eval_every)
+            return self._loop(train, eval_sets)
         finally:
             for plugin in plugins:
                 self.registry.pm.unregister(plugin)
 
-    def _loop(self, train, eval_sets, eval_every: int) -> dict:
+    def _restore(self, checkpoint: Path) -> None:
+        """Trainer and backend state of ``checkpoint``; the log is cut back to its step."""
+        state_file = checkpoint / RESUME_STATE_FILE
+        if not state_file.exists():
+            raise Q8Error(f"{checkpoint}: no {RESUME_STATE_FILE}; this checkpoint cannot be resumed")
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        self.backend.load_training_state(checkpoint)
+        self.step = state["step"]
+        self._epoch_rng_state, self._batch_in_epoch = state["epoch_rng_state"], state["batch_in_epoch"]
+        self._losses, self._metrics = state["pending_losses"], state["metrics"]
+        self.best_metric, self.best_step = state["best_metric"], state["best_step"]
+        self.best_checkpoint = self.output_dir / state["best_checkpoint"] if state["best_checkpoint"] else None
+        self.last_checkpoint = checkpoint
+        self._elapsed_before = state["elapsed_s"]
+        log = self.output_dir / METRICS_LOG
+        if log.exists():  # records after the checkpoint are redone by this run
+            kept = [line for line in log.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.step]
+            write_text(log, "".join(line + "\n" for line in kept))
+        for stale in self.output_dir.glob(".checkpoint-*.tmp-*"):  # a write the kill interrupted
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def _elapsed(self) -> float:
+        return self._elapsed_before + time.perf_counter() - self._started
+
+    def _loop(self, train, eval_sets) -> dict:
         cfg = self.config
         hook = self.registry.pm.hook
+        eval_every = cfg.eval_steps or self.steps_per_epoch
         rng = np.random.default_rng(cfg.seed)
         hook.on_train_start(trainer=self)
-        started = last_time = time.perf_counter()
-        losses: list[float] = []
-        metrics: dict[str, float] = {}
+        self._started = last_time = time.perf_counter()
         n = len(train["labels"])
         while self.step < self.total_steps:
+            if self._epoch_rng_state is not None and self._batch_in_epoch is not None:
+                rng.bit_generator.state = self._epoch_rng_state  # resuming inside this epoch
+                skip = self._batch_in_epoch
+            else:
+                skip = 0
+            self._epoch_rng_state = rng.bit_generator.state
             order = rng.permutation(n) if cfg.shuffle else np.arange(n)
-            for batch in batches(train, order, cfg.train_batch_size, self._trim):
+            for index, batch in enumerate(batches(train, order[skip * cfg.train_batch_size:],
+                                                  cfg.train_batch_size, self._trim), start=skip):
                 lr = self.backend.learning_rate()
-                losses.append(self.backend.train_step(batch))
+                self._losses.append(self.backend.train_step(batch))
                 self.step += 1
+                self._batch_in_epoch = index + 1
                 last = self.step == self.total_steps
                 if self.step % cfg.logging_steps == 0 or last:
                     now = time.perf_counter()
-                    logs = {"epoch": self.step / self.steps_per_epoch, "loss": float(np.mean(losses)),
-                            "learning_rate": lr, "sec_per_step": (now - last_time) / len(losses),
-                            "elapsed_s": now - started}
+                    logs = {"epoch": self.step / self.steps_per_epoch, "loss": float(np.mean(self._losses)),
+                            "learning_rate": lr, "sec_per_step": (now - last_time) / len(self._losses),
+                            "elapsed_s": self._elapsed()}
                     if self.spec.quantized:
                         logs["ema"] = self.backend.quant_state()
                     hook.on_step_end(trainer=self, step=self.step, logs=logs)
-                    losses, last_time = [], now
+                    self._losses, last_time = [], now
                 if cfg.do_eval and (self.step % eval_every == 0 or last):
-                    metrics = self._evaluate(eval_sets)
-                if (cfg.save_steps and self.step % cfg.save_steps == 0) or last:
-                    if self.last_checkpoint is None or self.last_checkpoint.name != f"checkpoint-{self.step}":
-                        self._save(metrics if cfg.do_eval else None)
+                    self._evaluate(eval_sets)
+                if ((cfg.save_steps and self.step % cfg.save_steps == 0) or last) \
+                        and self.last_checkpoint != self._checkpoint_path():
+                    self._save()
                 if last:
                     break
-        elapsed = time.perf_counter() - started
+            self._batch_in_epoch = None  # the next epoch draws a fresh order
+        elapsed = self._elapsed()
         results = {"task": self.task.name, "mode": self.spec.mode, "backend": self.backend.name,
-                   "step": self.step, "epoch": self.step / self.steps_per_epoch, "metrics": metrics,
+                   "step": self.step, "epoch": self.step / self.steps_per_epoch, "metrics": self._metrics,
                    "main_metric": self.task.main_metric, "best_metric": self.best_metric,
                    "best_step": self.best_step, "train_seconds": elapsed,
                    "sec_per_step": elapsed / max(self.step, 1)}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from q8core.backend import Backend
@@ -15,6 +17,7 @@ from q8core.spec import QuantSpec
 from .quantization import quantize_model, quantized_modules
 
 QUANT_STATE_FILE = "quant_state.safetensors"
+TRAINING_STATE_FILE = "training_state.safetensors"
 
 
 def torch_device(device: str) -> torch.device:
@@ -49,6 +52,7 @@ class TorchBackend(Backend):
     devices = ("cpu", "gpu", "cuda")
     dynamic_shapes = True
     export_formats = ("hf",)
+    resumable = True
 
     def __init__(self, model: torch.nn.Module, spec: QuantSpec, device: torch.device) -> None:
         self.model = model.to(device)
@@ -147,6 +151,37 @@ class TorchBackend(Backend):
                 state[f"{name}.steps"] = module.steps.detach().cpu().reshape(1)
             save_file(state, str(Path(directory) / QUANT_STATE_FILE))
         return sorted(p.name for p in Path(directory).iterdir())
+
+    def save_training_state(self, directory):
+        """Optimizer moments and step counts, the schedule, the RNG: ``training_state.safetensors``."""
+        optimizer = self.optimizer.state_dict()
+        tensors = {f"optimizer.{index}.{name}": value.detach().cpu().contiguous()
+                   for index, state in optimizer["state"].items() for name, value in state.items()}
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        metadata = {"param_groups": json.dumps(optimizer["param_groups"]),
+                    "scheduler": json.dumps(self.scheduler.state_dict())}
+        save_file(tensors, str(Path(directory) / TRAINING_STATE_FILE), metadata=metadata)
+        return [TRAINING_STATE_FILE]
+
+    def load_training_state(self, directory):
+        path = Path(directory) / TRAINING_STATE_FILE
+        if not path.exists():
+            raise Q8Error(f"{directory}: no {TRAINING_STATE_FILE}; this checkpoint cannot be resumed")
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata()
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value.to(self.device)
+        self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+        self.scheduler.load_state_dict(json.loads(metadata["scheduler"]))
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
 
     def load_quant_state(self, state: dict[str, torch.Tensor], where: str) -> None:
         modules = dict(quantized_modules(self.model))
