@@ -1,0 +1,265 @@
+"""Q8BERT cells for MindSpore, matching :mod:`q8core.reference` bit for bit.
+
+:class:`QuantDense` (a fully connected layer, ``weight`` of shape (out, in) as in ``nn.Linear``) and
+:class:`QuantEmbedding` carry Parameters named ``weight`` / ``bias`` only, so a model built from them has
+the Hugging Face state-dict names. When the spec quantizes (modes ``qat`` and ``dq``) they also carry two
+non-trainable Parameters, ``input_ema`` (float32 EMA of max|x|, Dense only) and ``steps`` (int32 count of
+training forwards); both are updated in place with ``ops.assign`` and so travel with
+``mindspore.save_checkpoint``.
+
+The fully quantized Dense computes in the integer domain on float32 tensors holding integers:
+``acc = x_q · W_qᵀ + b_q``, ``y = acc / (S_W * S_x)`` -- exactly the reference's int8 x int8 -> int32 layer
+while the accumulator stays below 2^24. Its backward pass (:class:`IntegerLinear`, a Cell ``bprop``) is
+the straight-through estimator: the gradients of ``y = FQ(x) · FQ(W)ᵀ + b``. Embeddings fake-quantize the
+looked-up rows with the whole table's scale (:class:`FakeQuantSTE`: FQ forward, identity backward). In
+training the table's scale is a non-trainable ``weight_scale`` Parameter that the backend refreshes from the
+current table before every forward (:meth:`QuantEmbedding.refresh_scale`): computed inside the
+differentiated graph it trips MindSpore 2.10's dynamic-shape compiler ("The pointer[manager] is null").
+
+Branches that depend on the training step (the ``start_step`` delay, the first EMA batch, an EMA that is
+not ready at inference) are tensor ``select``s, so the same cell runs in PyNative and in graph mode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from q8core.spec import QuantSpec
+
+F32 = ms.float32
+
+
+def get_scale(threshold: Tensor, qmax: int) -> Tensor:
+    """qmax / threshold in float32; 1 where the threshold is 0 (q8core.reference.get_scale)."""
+    threshold = threshold.astype(F32)
+    positive = threshold > 0
+    one = ops.ones_like(threshold)
+    safe = ops.select(positive, threshold, one)
+    # a float32 tensor numerator: a Python float over a tensor is not correctly rounded in MindSpore 2.10
+    return ops.select(positive, ops.fill(F32, threshold.shape, float(qmax)) / safe, one)
+
+
+def quantize(x: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    """clamp(round_half_even(x * S), -qmax, qmax), kept as float32 integers."""
+    return clamp(ops.round(x * scale), float(qmax))
+
+
+def clamp(x: Tensor, bound: float) -> Tensor:
+    """min(max(x, -bound), bound) (plain Maximum/Minimum: they compile inside a bprop too)."""
+    return ops.minimum(ops.maximum(x, -bound), bound)
+
+
+def fake_quantize(x: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    """Dequantize(Quantize(x)) (no gradient of its own: wrap it in :func:`ste`)."""
+    return quantize(x, scale, qmax) / scale
+
+
+def ste(x: Tensor, quantized: Tensor) -> Tensor:
+    """Straight-through estimator: the value of ``quantized``, the gradient of ``x``."""
+    return x + ops.stop_gradient(quantized - x)
+
+
+def max_abs(x: Tensor) -> Tensor:
+    """max|x| as a float32 scalar with no gradient."""
+    return ops.stop_gradient(ops.abs(x).max())
+
+
+def ema_constants(decay: float) -> tuple[Tensor, Tensor]:
+    """float32 ``decay`` and ``1 - decay`` (computed in float64, then rounded), as the reference."""
+    return Tensor(np.float32(decay), F32), Tensor(np.float32(1.0 - decay), F32)
+
+
+def ema_update(ema: Tensor, value: Tensor, decay: tuple[Tensor, Tensor]) -> Tensor:
+    """decay * ema + (1 - decay) * value: two float32 products, one float32 sum (reference order)."""
+    d, one_minus_d = decay
+    return d * ema + one_minus_d * value
+
+
+class Dense(nn.Cell):
+    """``y = x · Wᵀ + b`` with ``weight`` (out, in) and ``bias`` (out,) as in ``torch.nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = Parameter(Tensor(np.zeros((out_features, in_features), np.float32)), name="weight")
+        self.bias = Parameter(Tensor(np.zeros((out_features,), np.float32)), name="bias") if has_bias else None
+        self.has_bias = has_bias
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def dense(self, x2: Tensor, weight: Tensor) -> Tensor:
+        y = self.matmul(x2, weight)
+        if self.has_bias:
+            y = ops.bias_add(y, self.bias)
+        return y
+
+    def construct(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        y = self.dense(x.reshape(-1, shape[-1]), self.weight)
+        return y.reshape(shape[:-1] + (self.out_features,))
+
+
+class IntegerLinear(nn.Cell):
+    """``y = (x_q · W_qᵀ + b_q) / (S_W * S_x)`` on 2-D ``x``; straight-through gradients backward."""
+
+    def __init__(self, qmax: int, bias_qmax: int, has_bias: bool = True) -> None:
+        super().__init__()
+        self.qmax, self.bias_qmax, self.has_bias = qmax, bias_qmax, has_bias
+        self.matmul_nt = ops.MatMul(transpose_b=True)
+        self.matmul_nn = ops.MatMul()
+        self.matmul_tn = ops.MatMul(transpose_a=True)
+
+    def construct(self, x, weight, bias, s_x, s_w):
+        x_q = quantize(x, s_x, self.qmax)
+        w_q = quantize(weight, s_w, self.qmax)
+        s_b = s_w * s_x
+        acc = self.matmul_nt(x_q, w_q)
+        if self.has_bias:
+            acc = acc + clamp(ops.round(bias * s_b), float(self.bias_qmax))
+        return acc / s_b
+
+    def bprop(self, x, weight, bias, s_x, s_w, out, dout):
+        fq_x = fake_quantize(x, s_x, self.qmax)
+        fq_w = fake_quantize(weight, s_w, self.qmax)
+        grad_x = self.matmul_nn(dout, fq_w)
+        grad_w = self.matmul_tn(dout, fq_x)
+        grad_b = dout.sum(0) if self.has_bias else ops.zeros_like(bias)
+        return grad_x, grad_w, grad_b, ops.zeros_like(s_x), ops.zeros_like(s_w)
+
+
+class QuantDense(Dense):
+    """A :class:`Dense` with 8-bit weights and inputs and an int32 bias (Q8BERT), driven by a QuantSpec."""
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, has_bias: bool = True) -> None:
+        super().__init__(in_features, out_features, has_bias)
+        self.qmax, self.start_step, self.decay = spec.qmax, spec.start_step, ema_constants(spec.ema_decay)
+        self.q_weights, self.q_acts = spec.quantize_weights, spec.quantize_activations
+        self.dq = spec.mode == "dq"
+        self.integer = spec.quantize_weights and spec.quantize_activations and (spec.quantize_bias or not has_bias)
+        self.int_linear = IntegerLinear(spec.qmax, spec.bias_qmax, has_bias)
+        self.input_ema = Parameter(Tensor(np.float32(0.0), F32), name="input_ema", requires_grad=False)
+        self.steps = Parameter(Tensor(0, ms.int32), name="steps", requires_grad=False)
+
+    def construct(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        out_shape = shape[:-1] + (self.out_features,)
+        if self.dq and self.training:  # dq trains in float32 and counts nothing
+            return self.dense(x2, self.weight).reshape(out_shape)
+        batch_max = max_abs(x2)
+        if self.training:
+            steps = self.steps + 1
+            ops.assign(self.steps, steps)
+            if self.start_step:
+                first = steps == self.start_step + 1
+                new_ema = ops.select(first, batch_max, ema_update(self.input_ema, batch_max, self.decay))
+                new_ema = ops.select(steps > self.start_step, new_ema, self.input_ema)
+            else:
+                new_ema = ops.select(steps == 1, batch_max, ema_update(self.input_ema, batch_max, self.decay))
+            ops.assign(self.input_ema, new_ema)
+            threshold = new_ema
+        elif self.dq:
+            threshold = batch_max
+        else:  # inference: the stored EMA, or the batch's own max before any quantized training step
+            threshold = ops.select(self.steps > self.start_step, self.input_ema, batch_max)
+        y = self._quantized(x2, threshold)
+        if self.training and self.start_step:
+            y = ops.select(self.steps > self.start_step, y, self.dense(x2, self.weight))
+        return y.reshape(out_shape)
+
+    def _quantized(self, x2: Tensor, threshold: Tensor) -> Tensor:
+        s_w = get_scale(max_abs(self.weight), self.qmax)
+        s_x = get_scale(threshold, self.qmax)
+        if self.integer:
+            bias = self.bias if self.has_bias else s_w
+            return self.int_linear(x2, self.weight, bias, s_x, s_w)
+        # partial quantization: fake-quantize what the spec asks for, in float32
+        weight = ste(self.weight, fake_quantize(self.weight, s_w, self.qmax)) if self.q_weights \
+            else self.weight
+        if self.q_acts:
+            x2 = ste(x2, fake_quantize(x2, s_x, self.qmax))
+        return self.dense(x2, weight)
+
+
+class FakeQuantSTE(nn.Cell):
+    """FakeQuant(x) forward, identity gradient backward (a Cell bprop)."""
+
+    def __init__(self, qmax: int) -> None:
+        super().__init__()
+        self.qmax = qmax
+
+    def construct(self, x, scale):
+        return fake_quantize(x, scale, self.qmax)
+
+    def bprop(self, x, scale, out, dout):
+        return dout, ops.zeros_like(scale)
+
+
+class Embedding(nn.Cell):
+    """Row lookup in ``weight`` (num, dim); rows of ``padding_idx`` get no gradient (as torch's)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.weight = Parameter(Tensor(np.zeros((num_embeddings, embedding_dim), np.float32)), name="weight")
+        self.padding_idx = padding_idx
+        self.gather = ops.Gather()
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        rows = self.gather(self.weight, ids, 0)
+        if self.padding_idx is not None:
+            keep = ops.expand_dims(ids != self.padding_idx, -1)
+            rows = ops.select(ops.broadcast_to(keep, rows.shape), rows, ops.stop_gradient(rows))
+        return rows
+
+    def construct(self, ids: Tensor) -> Tensor:
+        return self.lookup(ids)
+
+
+class QuantEmbedding(Embedding):
+    """An :class:`Embedding` whose looked-up rows are fake-quantized with the whole table's scale."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec,
+                 padding_idx: int | None = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
+        self.qmax, self.start_step = spec.qmax, spec.start_step
+        self.dq = spec.mode == "dq"
+        self.steps = Parameter(Tensor(0, ms.int32), name="steps", requires_grad=False)
+        self.fake_quant = FakeQuantSTE(spec.qmax)
+        # S_W of the table, refreshed before every training forward by :meth:`refresh_scale`
+        # (outside the differentiated graph: computing it inside breaks MindSpore's dynamic-shape compiler)
+        self.weight_scale = Parameter(Tensor(np.float32(1.0), F32), name="weight_scale", requires_grad=False)
+
+    def refresh_scale(self):
+        return ops.assign(self.weight_scale, get_scale(max_abs(self.weight), self.qmax))
+
+    def construct(self, ids: Tensor) -> Tensor:
+        rows = self.lookup(ids)
+        if self.dq and self.training:
+            return rows
+        scale = self.weight_scale if self.training else get_scale(max_abs(self.weight), self.qmax)
+        quantized = self.fake_quant(rows, scale)
+        if self.training:
+            steps = self.steps + 1
+            ops.assign(self.steps, steps)
+            if self.start_step:
+                quantized = ops.select(steps > self.start_step, quantized, rows)
+        return quantized
+
+
+def make_dense(in_features: int, out_features: int, spec: QuantSpec) -> Dense:
+    """A quantized Dense when the spec quantizes weights or activations, else a float32 one."""
+    if spec.quantized and (spec.quantize_weights or spec.quantize_activations):
+        return QuantDense(in_features, out_features, spec)
+    return Dense(in_features, out_features)
+
+
+def make_embedding(num: int, dim: int, spec: QuantSpec, padding_idx: int | None = None) -> Embedding:
+    if spec.quantized and spec.quantize_embeddings:
+        return QuantEmbedding(num, dim, spec, padding_idx)
+    return Embedding(num, dim, padding_idx)
+
+
+def quantized_cells(model: nn.Cell) -> list[tuple[str, nn.Cell]]:
+    """(name, cell) for every quantized cell, in model order."""
+    return [(name, cell) for name, cell in model.cells_and_names() if isinstance(cell, (QuantDense, QuantEmbedding))]
