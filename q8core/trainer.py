@@ -64,6 +64,8 @@ class Trainer:
         self._elapsed_before = 0.0  # training seconds of the run before a resume
         self._started = time.perf_counter()
         self.backend = None
+        self.eval_sets: dict = {}
+        self.num_train = 0
         self.total_steps = 0
         self.steps_per_epoch = 1
 
@@ -161,7 +163,8 @@ class Trainer:
         if resume_from is None:
             self._check_output_dir()
         self.tokenizer, train, eval_sets, self.backend = self._load(resume_from)
-        n = len(train["labels"])
+        self.eval_sets = eval_sets
+        self.num_train = n = len(train["labels"])
         self.steps_per_epoch = math.ceil(n / cfg.train_batch_size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.backend.configure_optimizer(

