@@ -96,8 +96,12 @@ def run(ctx, spec_file, ema_decay, quant_delay, mode, quiet, resume_dir, example
     from q8core.trainer import Trainer
 
     if resume_dir is not None:
-        return _resume(ctx, resume_dir, quiet)
+        _refuse_other_options(ctx, {"resume_dir", "quiet"}, f"--resume continues {resume_dir} with the "
+                              f"settings in its run_config.json")
+        return _resume(resume_dir, quiet)
     if example:
+        _refuse_other_options(ctx, {"example", "quiet", "backend", "device", "output_dir"},
+                              "--example runs fixed settings (it takes --backend, --device, --output-dir)")
         return _example(options["backend"], options["device"], options["output_dir"] or Path("runs/example"), quiet)
     for name in ("task", "output_dir"):
         if options[name] is None:
@@ -111,15 +115,19 @@ def run(ctx, spec_file, ema_decay, quant_delay, mode, quiet, resume_dir, example
     _report(Trainer(config, _registry(), progress=not quiet).run(), config)
 
 
-def _resume(ctx, run_dir: Path, quiet: bool) -> None:
+def _refuse_other_options(ctx, allowed: set[str], why: str) -> None:
+    """One-line error for an option typed on the command line that this way of running ignores."""
     from click.core import ParameterSource
 
-    from q8core.trainer import Trainer
-
-    given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume_dir", "quiet")
+    given = [p.opts[0] for p in ctx.command.params if p.name not in allowed
              and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
     if given:
-        raise Q8Error(f"--resume continues {run_dir} with the settings in its run_config.json; drop {given[0]}")
+        raise Q8Error(f"{why}; drop {given[0]}")
+
+
+def _resume(run_dir: Path, quiet: bool) -> None:
+    from q8core.trainer import Trainer
+
     config = dataclasses.replace(RunConfig.load(run_dir), output_dir=str(run_dir))
     checkpoint, skipped = checkpoints.newest_complete(run_dir)
     for reason in skipped:
@@ -157,7 +165,7 @@ def _example(backend: str, device: str, output_dir: Path, quiet: bool) -> None:
         spec = QuantSpec(mode=mode, start_step=EXAMPLE_QUANT_DELAY if mode == "qat" else 0)
         config = RunConfig(model=model, data_dir=str(task.sample_dir), output_dir=str(output_dir / mode),
                            backend=backend, device=device, spec=spec, **EXAMPLE_SETTINGS)
-        click.echo(f"[{mode}] fine-tuning {Path(model).name} on {task.sample_dir}", err=True)
+        click.echo(f"[{mode}] fine-tuning all-MiniLM-L6-v2 on {task.sample_dir}", err=True)
         trainers[mode] = trainer = Trainer(config, registry, progress=not quiet)
         trainer.run()
     qat = trainers["qat"]

@@ -51,3 +51,10 @@ def test_model_sizes_by_hand(tiny_bert, tmp_path):
     fp32, int8 = model_sizes(tmp_path / "model.safetensors")
     assert fp32 == 4 * (tables + weights + biases + norms)
     assert int8 == tables + 3 * 4 + weights + n_linear * 8 + 4 * (biases + norms)
+
+
+def test_example_refuses_options_it_would_ignore(tmp_path, capsys):
+    code, _, err = run_q8(["run", "--example", "--task", "sts-b", "--output-dir", str(tmp_path / "x")], capsys)
+    assert code == 2 and err == ("q8: error: --example runs fixed settings (it takes --backend, --device, "
+                                 "--output-dir); drop --task\n")
+    assert not (tmp_path / "x").exists()
