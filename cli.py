@@ -212,6 +212,13 @@ def _read_spec(path: Path) -> QuantSpec:
     return QuantSpec.from_json(text, where=str(path))
 
 
+def _open_checkpoint(checkpoint: Path, registry):
+    """A checkpoint (or a run folder's best), verified against its manifest, and its backend class."""
+    path = checkpoints.resolve(checkpoint)
+    manifest = checkpoints.read_manifest(path)
+    return path, manifest, registry.backend(manifest["backend"])
+
+
 @cli.command("eval")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
               help="A checkpoint folder, or a run folder (its best checkpoint).")
@@ -225,10 +232,8 @@ def _read_spec(path: Path) -> QuantSpec:
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
 def eval_(checkpoint, data_dir, device, eval_batch_size, mode, as_json):
     """Evaluate a checkpoint on its task's dev set (backend and task come from the checkpoint)."""
-    path = checkpoints.resolve(checkpoint)
-    manifest = checkpoints.read_manifest(path)
     registry = _registry()
-    backend_cls = registry.backend(manifest["backend"])
+    path, manifest, backend_cls = _open_checkpoint(checkpoint, registry)
     task = registry.task(manifest["task"])
     labels = manifest.get("labels")
     if (labels is None) != task.is_regression or (labels and tuple(labels) != task.labels):
@@ -254,9 +259,7 @@ def eval_(checkpoint, data_dir, device, eval_batch_size, mode, as_json):
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
 def export(checkpoint, fmt, output, overwrite):
     """Export a checkpoint (with its quantizer spec) for use outside q8."""
-    path = checkpoints.resolve(checkpoint)
-    manifest = checkpoints.read_manifest(path)
-    backend_cls = _registry().backend(manifest["backend"])
+    path, _, backend_cls = _open_checkpoint(checkpoint, _registry())
     backend_cls.check_export_format(fmt)
     if output.exists() and not overwrite:
         raise Q8Error(f"--output {output} exists; pass --overwrite to replace it")
