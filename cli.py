@@ -273,6 +273,21 @@ def export(checkpoint, fmt, output, overwrite):
 
 
 @cli.command()
+@click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--output", type=click.Path(path_type=Path),
+              help="Report folder to write (replaced if it holds a previous report) "
+                   "[default: RUN_DIR/report for one run; required for several].")
+def report(run_dirs, output):
+    """Figures (loss, dev metrics, learning rate, QAT activation ranges) and a Markdown summary of
+    one run folder, or of several overlaid (e.g. FP32 vs QAT vs DQ)."""
+    from q8core.report import write_report
+
+    folder, files = write_report(run_dirs, output)
+    click.echo(f"report of {len(run_dirs)} run{'s' if len(run_dirs) > 1 else ''} written to {folder}: "
+               + ", ".join(files))
+
+
+@cli.command()
 def plugins():
     """List the installed backends and tasks, with versions."""
     registry = _registry()
