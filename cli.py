@@ -240,6 +240,9 @@ def eval_(checkpoint, data_dir, device, eval_batch_size, mode, as_json):
         raise Q8Error(f"{path}: its labels {labels} do not fit task {task.name} ({task.labels})")
     backend_cls.check_device(device)
     spec = QuantSpec.load(path)
+    if mode is not None and manifest.get("export_format"):
+        raise Q8Error(f"{path} is an exported model ({manifest['export_format']}); it runs as exported, "
+                      f"--mode applies to checkpoints")
     if mode is not None:
         spec = dataclasses.replace(spec, mode=mode)
     backend = backend_cls.from_checkpoint(path, spec=spec, device=device)
@@ -254,21 +257,30 @@ def eval_(checkpoint, data_dir, device, eval_batch_size, mode, as_json):
 @cli.command()
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
               help="A checkpoint folder, or a run folder (its best checkpoint).")
-@click.option("--format", "fmt", required=True, help="hf: a plain Hugging Face model folder (FP32 weights).")
+@click.option("--format", "fmt", required=True,
+              help="onnx-int8: ONNX with int8 weights and the QAT activation scales, for ONNX Runtime's integer "
+                   "kernels; onnx: the same in float32; hf: a plain Hugging Face folder (FP32 weights); "
+                   "backends add their own (mindspore: mindir, air).")
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
 def export(checkpoint, fmt, output, overwrite):
     """Export a checkpoint (with its quantizer spec) for use outside q8."""
-    path, _, backend_cls = _open_checkpoint(checkpoint, _registry())
-    backend_cls.check_export_format(fmt)
+    from q8core import export as exporting
+
+    path, manifest, backend_cls = _open_checkpoint(checkpoint, _registry())
+    exporting.check_format(backend_cls, fmt)
     if output.exists() and not overwrite:
         raise Q8Error(f"--output {output} exists; pass --overwrite to replace it")
     spec = QuantSpec.load(path)
     backend = backend_cls.from_checkpoint(path, spec=spec, device="cpu")
     with checkpoints.atomic_dir(output) as tmp:
-        backend.export(tmp, fmt)
+        exporting.export(backend, tmp, fmt)
         load_tokenizer(path).save_pretrained(str(tmp))
         spec.save(tmp)
+        if fmt in exporting.ONNX_FORMATS:  # q8 eval runs it through the onnxruntime backend
+            info = {key: manifest.get(key) for key in ("task", "labels", "max_seq_length")}
+            checkpoints.write_manifest(tmp, exporting.ONNX_ENGINE, {**info, "exported_from": str(path),
+                                                                    "export_format": fmt})
     click.echo(f"exported {path} ({spec.mode}) as {fmt} to {output}")
 
 

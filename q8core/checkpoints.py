@@ -63,11 +63,17 @@ def write_checkpoint(directory: Path, backend, tokenizer, info: dict[str, Any],
         backend.spec.save(tmp)
         if extra is not None:
             extra(tmp)
-        files = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
-                 for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = {"format": FORMAT, "version": 1, "backend": backend.name, **info, "files": files}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        write_manifest(tmp, backend.name, info)
     return Path(directory)
+
+
+def write_manifest(directory: Path, backend: str, info: dict[str, Any]) -> None:
+    """The manifest, last: ``backend`` (the plugin that loads the folder), ``info``, and the size and
+    SHA-256 of every file already in ``directory``."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
+             for p in sorted(Path(directory).iterdir()) if p.is_file()}
+    manifest = {"format": FORMAT, "version": 1, "backend": backend, **info, "files": files}
+    (Path(directory) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
@@ -100,6 +106,8 @@ def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
 def resolve(path: Path) -> Path:
     """A checkpoint folder, or a run folder (its best checkpoint, else its newest)."""
     path = Path(path)
+    if path.is_file() and (path.parent / MANIFEST_FILE).exists():  # a file of an export: model.onnx
+        return path.parent
     if (path / MANIFEST_FILE).exists():
         return path
     state_file = path / TRAINER_STATE_FILE
