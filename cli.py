@@ -56,7 +56,8 @@ def cli(ctx, debug):
                    "[default: nyu-mll/glue from the Hugging Face hub].")
 @click.option("--output-dir", type=click.Path(path_type=Path), help="Run folder to create.  [required]")
 @click.option("--model", default="bert-base-uncased", show_default=True,
-              help="Pretrained BERT: a Hugging Face hub id or a local folder.")
+              help="Pretrained BERT: a Hugging Face hub id, a local folder, or a MindSpore ModelZoo .ckpt "
+                   "(its yaml or config.json and vocab.txt beside it).")
 @click.option("--backend", default="torch", show_default=True, help="Backend plugin (see `q8 plugins`).")
 @click.option("--device", default="cpu", show_default=True, callback=_device, help="cpu, gpu[:N] or ascend[:N].")
 @click.option("--mode", type=click.Choice(MODES),
@@ -169,30 +170,51 @@ def _example(backend: str, device: str, output_dir: Path, quiet: bool) -> None:
         trainers[mode] = trainer = Trainer(config, registry, progress=not quiet)
         trainer.run()
     qat = trainers["qat"]
+    dev = qat.eval_sets[""]
     with tempfile.TemporaryDirectory() as tmp:
         qat.backend.export(Path(tmp), "hf")
-        fp32_bytes, int8_bytes = model_sizes(Path(tmp) / "model.safetensors")
+        fp32_bytes, _ = model_sizes(Path(tmp) / "model.safetensors")
+    engines = {mode: trainer.backend for mode, trainer in trainers.items()}
+    metric = task.main_metric
+    results = {mode: json.loads((output_dir / mode / "eval_results.json").read_text())["metrics"][metric]
+               for mode in trainers}
+    int8_dir = output_dir / "qat-onnx-int8"
+    try:  # the deployable int8 model: exported, then evaluated and timed on ONNX Runtime
+        checkpoint, manifest, backend_cls = _open_checkpoint(qat.last_checkpoint, registry)  # the trained one
+        _export(checkpoint, manifest, backend_cls, "onnx-int8", int8_dir)
+        engines["int8"] = registry.backend("onnxruntime").from_checkpoint(int8_dir, spec=qat.spec, device="cpu")
+        results["int8"] = evaluate(engines["int8"], task, qat.eval_sets, 32, True)[metric]
+        int8_bytes = (int8_dir / "model.onnx").stat().st_size
+        int8_note = f"int8 ONNX in {int8_dir}"
+    except Q8Error as exc:
+        int8_note = f"no int8 engine here: {exc}"
     latency = {}
-    for mode, trainer in trainers.items():
-        dev = trainer.eval_sets[""]
-        one = next(batches(dev, np.arange(len(dev["labels"])), 1, trim=trainer.backend.dynamic_shapes))
-        trainer.backend.predict(one)  # warm-up
+    one = next(batches(dev, np.arange(len(dev["labels"])), 1, trim=True))
+    for mode, engine in engines.items():
+        engine.predict(one)  # warm-up
         start = time.perf_counter()
         for _ in range(20):
-            trainer.backend.predict(one)
+            engine.predict(one)
         latency[mode] = (time.perf_counter() - start) / 20 * 1000
-    metric = task.main_metric
-    runs = {mode: json.loads((output_dir / mode / "eval_results.json").read_text()) for mode in trainers}
+    columns = [("fp32", "FP32"), ("qat", "Q8BERT QAT"), ("int8", "int8 (ONNX RT)")]
+
+    def row(label, values):
+        click.echo(f"{label:22}" + "".join(f"{values.get(mode, '-'):>16}" for mode, _ in columns))
+
     click.echo(f"\nq8 example: a SAMPLE run on a small model (all-MiniLM-L6-v2, {qat.num_train} SST-2 training "
-               f"rows, {len(qat.eval_sets['']['labels'])} dev rows), {backend} backend, {device}; "
-               f"not the paper's experiment.")
-    click.echo(f"{'':26}{'FP32':>14}{'Q8BERT (QAT)':>16}")
-    click.echo(f"{'dev ' + metric:26}{runs['fp32']['metrics'][metric]:>14.4f}{runs['qat']['metrics'][metric]:>16.4f}")
-    click.echo(f"{'model size':26}{fp32_bytes / 1e6:>11.1f} MB{int8_bytes / 1e6:>13.1f} MB"
-               f"   (int8 weights; {fp32_bytes / int8_bytes:.2f}x smaller)")
-    click.echo(f"{'latency, batch 1':26}{latency['fp32']:>11.1f} ms{latency['qat']:>13.1f} ms"
-               f"   (QAT runs fake quantization in float32; int8 kernels arrive with the ONNX int8 export)")
-    click.echo(f"run folders: {output_dir / 'fp32'}, {output_dir / 'qat'}  (q8 eval / q8 export work on them)")
+               f"rows, {len(dev['labels'])} dev rows), {backend} backend, {device}; not the paper's experiment.")
+    row("", {mode: title for mode, title in columns})
+    row(f"dev {metric}", {mode: f"{value:.4f}" for mode, value in results.items()})
+    sizes = {mode: f"{fp32_bytes / 1e6:.1f} MB" for mode in ("fp32", "qat")}
+    row("model size", {**sizes, **({"int8": f"{int8_bytes / 1e6:.1f} MB"} if "int8" in engines else {})})
+    row("latency, batch 1", {mode: f"{ms:.1f} ms" for mode, ms in latency.items()})
+    click.echo("QAT trains FP32 master weights with fake quantization in float32; int8 is the deployable model.")
+    if "int8" in latency:
+        click.echo(f"{int8_note}: {fp32_bytes / int8_bytes:.2f}x smaller, "
+                   f"{latency['fp32'] / latency['int8']:.2f}x faster than FP32")
+    else:
+        click.echo(int8_note)
+    click.echo(f"run folders: {output_dir / 'fp32'}, {output_dir / 'qat'}  (q8 eval / q8 report / q8 export work on them)")
     click.echo(f"the paper's experiment, on full data with BERT-base: {PAPER_COMMAND}")
 
 
@@ -265,12 +287,18 @@ def eval_(checkpoint, data_dir, device, eval_batch_size, mode, as_json):
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
 def export(checkpoint, fmt, output, overwrite):
     """Export a checkpoint (with its quantizer spec) for use outside q8."""
-    from q8core import export as exporting
-
     path, manifest, backend_cls = _open_checkpoint(checkpoint, _registry())
-    exporting.check_format(backend_cls, fmt)
     if output.exists() and not overwrite:
         raise Q8Error(f"--output {output} exists; pass --overwrite to replace it")
+    spec = _export(path, manifest, backend_cls, fmt, output)
+    click.echo(f"exported {path} ({spec.mode}) as {fmt} to {output}")
+
+
+def _export(path: Path, manifest: dict, backend_cls, fmt: str, output: Path) -> QuantSpec:
+    """Write checkpoint ``path`` in ``fmt`` to the folder ``output`` (atomically); returns its spec."""
+    from q8core import export as exporting
+
+    exporting.check_format(backend_cls, fmt)
     spec = QuantSpec.load(path)
     backend = backend_cls.from_checkpoint(path, spec=spec, device="cpu")
     with checkpoints.atomic_dir(output) as tmp:
@@ -281,7 +309,7 @@ def export(checkpoint, fmt, output, overwrite):
             info = {key: manifest.get(key) for key in ("task", "labels", "max_seq_length")}
             checkpoints.write_manifest(tmp, exporting.ONNX_ENGINE, {**info, "exported_from": str(path),
                                                                     "export_format": fmt})
-    click.echo(f"exported {path} ({spec.mode}) as {fmt} to {output}")
+    return spec
 
 
 @cli.command()

