@@ -133,7 +133,10 @@ def _resume(run_dir: Path, quiet: bool) -> None:
     checkpoint, skipped = checkpoints.newest_complete(run_dir)
     for reason in skipped:
         click.echo(f"q8: warning: skipping a damaged checkpoint: {reason}", err=True)
-    click.echo(f"resuming {run_dir} from {checkpoint.name}", err=True)
+    from q8core.distributed import environment
+
+    if environment().is_main:
+        click.echo(f"resuming {run_dir} from {checkpoint.name}", err=True)
     _report(Trainer(config, _registry(), progress=not quiet).run(resume_from=checkpoint), config)
 
 
@@ -219,6 +222,10 @@ def _example(backend: str, device: str, output_dir: Path, quiet: bool) -> None:
 
 
 def _report(results: dict, config: RunConfig) -> None:
+    from q8core.distributed import environment
+
+    if not environment().is_main:  # under a launcher, process 0 speaks for the run
+        return
     click.echo(f"{results['task']} {results['mode']} ({results['backend']}): {format_metrics(results['metrics'])}")
     if results["best_step"] is not None:
         click.echo(f"best {results['main_metric']} {results['best_metric']:.4f} at step {results['best_step']}")

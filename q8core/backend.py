@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .distributed import SINGLE, DistributedEnv
 from .errors import Q8Error
 from .spec import QuantSpec
 
@@ -81,6 +82,69 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def learning_rate(self) -> float:
         """The learning rate the next step will use."""
+
+    # -- data parallelism (optional; the defaults are one process) --------------------------
+    #: Whether the backend trains data-parallel under a launcher (``torchrun``, ``msrun``): it then
+    #: overrides the methods of this section. The trainer calls them only when the launcher started
+    #: more than one process (see :mod:`q8core.distributed`); a one-process run never does.
+    distributed: ClassVar[bool] = False
+    #: This process's rank and the world size, set by :meth:`enable_data_parallel`.
+    dist: DistributedEnv = SINGLE
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank or 0
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size
+
+    @classmethod
+    def rank_device(cls, device: str, env: DistributedEnv) -> str:
+        """The device this rank uses for ``--device device`` (``gpu`` -> ``gpu:LOCAL_RANK``)."""
+        return device
+
+    @classmethod
+    def init_distributed(cls, env: DistributedEnv, device: str) -> DistributedEnv:
+        """Join the framework's process group for ``env`` (rank and world size from the launcher) on
+        ``device`` (from :meth:`rank_device`), once per process, before any model is built; return
+        ``env`` with what only the group knows filled in (``rank``, ``local_rank`` under msrun)."""
+        raise Q8Error(f"backend {cls.name!r} does not train data-parallel; {env.launcher} started "
+                      f"{env.world_size} processes: run one process")
+
+    @classmethod
+    def shutdown_distributed(cls) -> None:
+        """Leave the process group that :meth:`init_distributed` joined (at the end of the run)."""
+
+    @classmethod
+    def barrier(cls) -> None:
+        """Wait until every rank gets here (rank 0 evaluates and writes while the others wait)."""
+
+    @classmethod
+    def broadcast_object(cls, obj, src: int = 0):
+        """``obj`` as rank ``src`` has it (a small JSON-like value), on every rank."""
+        return obj
+
+    def enable_data_parallel(self, env: DistributedEnv) -> None:
+        """Replicate this model across the ranks of ``env`` (called after :meth:`configure_optimizer`
+        and, when resuming, :meth:`load_training_state`; before the first :meth:`train_step_shard`):
+        weights as rank 0 has them, gradients averaged over ranks,
+        activation ranges (EMA of max|x|) updated with the maximum over all ranks' rows so they stay
+        identical everywhere, and a different dropout stream on every rank."""
+        raise Q8Error(f"backend {self.name!r} does not train data-parallel")
+
+    def disable_data_parallel(self) -> None:
+        """Undo :meth:`enable_data_parallel` (the trainer calls it at the end of a data-parallel run,
+        before :meth:`shutdown_distributed`): drop every reference to the process group, so the model
+        predicts and saves alone afterwards."""
+
+    def train_step_shard(self, batch: dict[str, np.ndarray], *, weight: float) -> float:
+        """One optimizer step on a global batch of which ``batch`` is this rank's part, holding the
+        fraction ``weight`` of its rows (0 for a stand-in row, see :func:`q8core.distributed.shard`).
+        The gradient is ``sum over ranks of weight * (gradient of the rank's mean loss)``, i.e. the
+        global batch's mean, identical on every rank; returns the global batch's mean loss (the
+        same on every rank)."""
+        raise NotImplementedError(f"{type(self).__name__} does not train data-parallel")
 
     # -- inference ---------------------------------------------------------------------------
     @abc.abstractmethod

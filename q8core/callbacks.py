@@ -29,7 +29,11 @@ class ProgressBar:
 
     @hookimpl
     def on_train_start(self, trainer):
-        self.bar = tqdm(total=trainer.total_steps, desc=f"{trainer.task.name} {trainer.spec.mode}",
+        desc = f"{trainer.task.name} {trainer.spec.mode}"
+        world = getattr(getattr(trainer, "dist", None), "world_size", 1)
+        if world > 1:  # data-parallel: rank 0 shows the one bar
+            desc += f" x{world} processes"
+        self.bar = tqdm(total=trainer.total_steps, desc=desc,
                         unit="step", dynamic_ncols=True, disable=self.disable)
 
     @hookimpl

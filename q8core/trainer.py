@@ -3,6 +3,12 @@
 It drives a :class:`q8core.backend.Backend` through NumPy batches and reports through the trainer
 events of :mod:`q8core.hookspecs` (progress bar and ``metrics.jsonl`` are such plugins). Nothing is
 written to the output folder until the data, tokenizer and model have all loaded.
+
+Started by a launcher as several processes (``torchrun``, see :mod:`q8core.distributed`), it trains
+data-parallel: every rank draws the same global batches and trains on its slice of each; rank 0
+alone evaluates, writes the run folder and fires the trainer events, while the others wait for it
+at a barrier after each evaluation or checkpoint. Every decision (when to evaluate, save, stop)
+follows from the step count, so all ranks take it together.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoints
+from . import checkpoints, distributed, modelzoo
 from .callbacks import METRICS_LOG, MetricsLog, ProgressBar
 from .config import RUN_CONFIG_FILE, RunConfig
 from .errors import Q8Error
@@ -38,6 +44,13 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+class _Silent:
+    """Trainer events on ranks other than 0: nothing happens."""
+
+    def __getattr__(self, name):
+        return lambda **kwargs: None
 
 
 class Trainer:
@@ -68,6 +81,8 @@ class Trainer:
         self.num_train = 0
         self.total_steps = 0
         self.steps_per_epoch = 1
+        self.dist = distributed.SINGLE  # this process's rank and the world size (run() reads them)
+        self.device = config.device  # the device of this rank (gpu:LOCAL_RANK under a launcher)
 
     # -- set-up --------------------------------------------------------------------------------
     def _check_output_dir(self) -> None:
@@ -96,15 +111,29 @@ class Trainer:
         cfg = self.config
         data_dir = Path(cfg.data_dir) if cfg.data_dir else None
         train = self.task.read(data_dir, "train")
-        tokenizer = load_tokenizer(resume_from or cfg.model)
+        source = resume_from or self._model_source()
+        tokenizer = load_tokenizer(source)
         train_arrays = encode(train, tokenizer, self.task, cfg.max_seq_length)
-        eval_sets = load_eval_sets(self.task, data_dir, tokenizer, cfg.max_seq_length) if cfg.do_eval else {}
+        evaluates = cfg.do_eval and self.dist.is_main  # rank 0 evaluates for all
+        eval_sets = load_eval_sets(self.task, data_dir, tokenizer, cfg.max_seq_length) if evaluates else {}
         if resume_from is not None:
-            backend = self.backend_cls.from_checkpoint(resume_from, spec=self.spec, device=cfg.device)
+            backend = self.backend_cls.from_checkpoint(resume_from, spec=self.spec, device=self.device)
         else:
-            backend = self.backend_cls.from_pretrained(cfg.model, labels=self.task.labels, spec=self.spec,
-                                                       device=cfg.device, seed=cfg.seed)
+            backend = self.backend_cls.from_pretrained(source, labels=self.task.labels, spec=self.spec,
+                                                       device=self.device, seed=cfg.seed)
         return tokenizer, train_arrays, eval_sets, backend
+
+    def _model_source(self) -> str:
+        """``--model`` as a folder or hub id (a ModelZoo checkpoint converted once, cached). Under a
+        launcher the first process of each machine converts it while the others wait, then they
+        find it in the cache."""
+        prepare = lambda: modelzoo.prepare_model(self.config.model, num_labels=self.task.num_labels)  # noqa: E731
+        if not self.dist.enabled:
+            return prepare()
+        first = not self.dist.local_rank
+        source = prepare() if first else None
+        self.backend_cls.barrier()
+        return source if first else prepare()
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoint_path(self) -> Path:
@@ -131,7 +160,7 @@ class Trainer:
             "step": self.step, "epoch_rng_state": self._epoch_rng_state, "batch_in_epoch": self._batch_in_epoch,
             "pending_losses": self._losses, "metrics": self._metrics, "best_metric": self.best_metric,
             "best_step": self.best_step, "best_checkpoint": self.best_checkpoint.name if self.best_checkpoint else None,
-            "elapsed_s": self._elapsed(),
+            "elapsed_s": self._elapsed(), "world_size": self.dist.world_size,
         }, indent=2) + "\n", encoding="utf-8")
 
     def _write_state(self) -> None:
@@ -140,6 +169,7 @@ class Trainer:
             "best_metric": self.best_metric, "best_step": self.best_step,
             "best_checkpoint": self.best_checkpoint.name if self.best_checkpoint else None,
             "last_checkpoint": self.last_checkpoint.name if self.last_checkpoint else None,
+            "world_size": self.dist.world_size,
         })
 
     def _evaluate(self, eval_sets) -> None:
@@ -159,24 +189,67 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def run(self, resume_from: Path | None = None) -> dict:
         """Train (from the pretrained model, or continuing the checkpoint ``resume_from``)."""
+        self.dist = distributed.environment()
+        if not self.dist.enabled:
+            return self._run(resume_from)
+        self.device = self.backend_cls.rank_device(self.config.device, self.dist)
+        try:
+            self.dist = distributed.check(self.backend_cls.init_distributed(self.dist, self.device))
+            return self._run(resume_from)
+        finally:
+            if self.backend is not None:
+                self.backend.disable_data_parallel()
+            self.backend_cls.shutdown_distributed()
+
+    def _on_main(self, action) -> None:
+        """``action()`` on rank 0 (every rank in a one-process run); a :class:`Q8Error` it raises ends
+        every rank, rank 0 with the one-line message, the others silently (exit status 2)."""
+        if not self.dist.enabled:
+            return action()
+        error = None
+        if self.dist.is_main:
+            try:
+                action()
+            except Q8Error as exc:
+                error = exc
+        message = self.backend_cls.broadcast_object(None if error is None else str(error))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise SystemExit(2)
+
+    def _run(self, resume_from: Path | None) -> dict:
         cfg = self.config
+        world = self.dist.world_size
         if resume_from is None:
-            self._check_output_dir()
+            self._on_main(self._check_output_dir)
+        elif self.backend_cls.resumable:
+            self._on_main(lambda: self._resume_state(resume_from))  # a wrong process count fails before loading
         self.tokenizer, train, eval_sets, self.backend = self._load(resume_from)
         self.eval_sets = eval_sets
         self.num_train = n = len(train["labels"])
-        self.steps_per_epoch = math.ceil(n / cfg.train_batch_size)
+        self.steps_per_epoch = math.ceil(n / (cfg.train_batch_size * world))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        if self.dist.enabled:  # every rank must train on the same rows, or they would wait on each other
+            mine = (n, self.total_steps, distributed.fingerprint(train))
+            ours = self.backend_cls.broadcast_object(mine)
+            if tuple(ours) != mine:
+                raise Q8Error(f"rank {self.dist.rank} read other training data than rank 0 ({n} rows, "
+                              f"fingerprint {mine[2]}; rank 0: {ours[0]} rows, {ours[2]}): give every "
+                              f"process the same --data-dir contents")
         self.backend.configure_optimizer(
             learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
             warmup_steps=int(cfg.warmup_ratio * self.total_steps), total_steps=self.total_steps,
             adam_epsilon=cfg.adam_epsilon, max_grad_norm=cfg.max_grad_norm)
         if resume_from is None:
-            self._prepare_output_dir()
+            if self.dist.is_main:
+                self._prepare_output_dir()
         else:
             self._restore(resume_from)
+        if self.dist.enabled:
+            self.backend.enable_data_parallel(self.dist)
 
-        plugins = [ProgressBar(disable=not self.progress), MetricsLog(self.output_dir)]
+        plugins = [ProgressBar(disable=not self.progress), MetricsLog(self.output_dir)] if self.dist.is_main else []
         for plugin in plugins:
             self.registry.pm.register(plugin)
         try:
@@ -185,12 +258,23 @@ class Trainer:
             for plugin in plugins:
                 self.registry.pm.unregister(plugin)
 
-    def _restore(self, checkpoint: Path) -> None:
-        """Trainer and backend state of ``checkpoint``; the log is cut back to its step."""
+    def _resume_state(self, checkpoint: Path) -> dict:
+        """``resume_state.json`` of ``checkpoint``, after checking this run has its number of processes
+        (the global batch is processes x --train-batch-size: another count would be another run)."""
         state_file = checkpoint / RESUME_STATE_FILE
         if not state_file.exists():
             raise Q8Error(f"{checkpoint}: no {RESUME_STATE_FILE}; this checkpoint cannot be resumed")
         state = json.loads(state_file.read_text(encoding="utf-8"))
+        trained_with = state.get("world_size", 1)
+        if trained_with != self.dist.world_size:
+            raise Q8Error(f"{checkpoint} was trained by {trained_with} process(es) (global batch "
+                          f"{trained_with} x {self.config.train_batch_size}); resume it with {trained_with}, "
+                          f"not {self.dist.world_size}")
+        return state
+
+    def _restore(self, checkpoint: Path) -> None:
+        """Trainer and backend state of ``checkpoint``; the log is cut back to its step."""
+        state = self._resume_state(checkpoint)
         self.backend.load_training_state(checkpoint)
         self.step = state["step"]
         self._epoch_rng_state, self._batch_in_epoch = state["epoch_rng_state"], state["batch_in_epoch"]
@@ -199,6 +283,8 @@ class Trainer:
         self.best_checkpoint = self.output_dir / state["best_checkpoint"] if state["best_checkpoint"] else None
         self.last_checkpoint = checkpoint
         self._elapsed_before = state["elapsed_s"]
+        if not self.dist.is_main:  # rank 0 tidies the run folder
+            return
         log = self.output_dir / METRICS_LOG
         if log.exists():  # records after the checkpoint are redone by this run
             kept = [line for line in log.read_text(encoding="utf-8").splitlines()
@@ -212,7 +298,9 @@ class Trainer:
 
     def _loop(self, train, eval_sets) -> dict:
         cfg = self.config
-        hook = self.registry.pm.hook
+        dist = self.dist
+        hook = self.registry.pm.hook if dist.is_main else _Silent()
+        batch_size = cfg.train_batch_size * dist.world_size  # the global batch, drawn as one process would
         eval_every = cfg.eval_steps or self.steps_per_epoch
         rng = np.random.default_rng(cfg.seed)
         hook.on_train_start(trainer=self)
@@ -226,10 +314,14 @@ class Trainer:
                 skip = 0
             self._epoch_rng_state = rng.bit_generator.state
             order = rng.permutation(n) if cfg.shuffle else np.arange(n)
-            for index, batch in enumerate(batches(train, order[skip * cfg.train_batch_size:],
-                                                  cfg.train_batch_size, self._trim), start=skip):
+            for index, batch in enumerate(batches(train, order[skip * batch_size:], batch_size, self._trim),
+                                          start=skip):
                 lr = self.backend.learning_rate()
-                self._losses.append(self.backend.train_step(batch))
+                if dist.enabled:
+                    part, weight = distributed.shard(batch, dist.rank, dist.world_size)
+                    self._losses.append(self.backend.train_step_shard(part, weight=weight))
+                else:
+                    self._losses.append(self.backend.train_step(batch))
                 self.step += 1
                 self._batch_in_epoch = index + 1
                 last = self.step == self.total_steps
@@ -238,15 +330,19 @@ class Trainer:
                     logs = {"epoch": self.step / self.steps_per_epoch, "loss": float(np.mean(self._losses)),
                             "learning_rate": lr, "sec_per_step": (now - last_time) / len(self._losses),
                             "elapsed_s": self._elapsed()}
-                    if self.spec.quantized:
+                    if self.spec.quantized and dist.is_main:
                         logs["ema"] = self.backend.quant_state()
                     hook.on_step_end(trainer=self, step=self.step, logs=logs)
                     self._losses, last_time = [], now
-                if cfg.do_eval and (self.step % eval_every == 0 or last):
-                    self._evaluate(eval_sets)
-                if ((cfg.save_steps and self.step % cfg.save_steps == 0) or last) \
-                        and self.last_checkpoint != self._checkpoint_path():
-                    self._save()
+                evaluate_now = cfg.do_eval and (self.step % eval_every == 0 or last)
+                save_now = bool(cfg.save_steps and self.step % cfg.save_steps == 0) or last
+                if dist.is_main:
+                    if evaluate_now:
+                        self._evaluate(eval_sets)
+                    if save_now and self.last_checkpoint != self._checkpoint_path():
+                        self._save()
+                if dist.enabled and (evaluate_now or save_now):
+                    self.backend_cls.barrier()  # the other ranks wait while rank 0 evaluates and writes
                 if last:
                     break
             self._batch_in_epoch = None  # the next epoch draws a fresh order
@@ -256,6 +352,11 @@ class Trainer:
                    "main_metric": self.task.main_metric, "best_metric": self.best_metric,
                    "best_step": self.best_step, "train_seconds": elapsed,
                    "sec_per_step": elapsed / max(self.step, 1)}
-        write_json(self.output_dir / EVAL_RESULTS_FILE, results)
+        if dist.enabled:
+            results["world_size"] = dist.world_size
+        if dist.is_main:
+            write_json(self.output_dir / EVAL_RESULTS_FILE, results)
         hook.on_train_end(trainer=self, results=results)
+        if dist.enabled:  # every rank returns rank 0's results (its metrics, best checkpoint)
+            results = self.backend_cls.broadcast_object(results)
         return results

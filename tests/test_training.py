@@ -155,9 +155,9 @@ def test_export_hf_is_a_plain_transformers_folder_with_the_same_logits(qat_run, 
     # exporting again refuses to overwrite; an unknown format is named
     code, _, err = run_q8(["export", "--checkpoint", str(run_dir), "--format", "hf", "--output", str(out)], capsys)
     assert code == 2 and "--overwrite" in err
-    code, _, err = run_q8(["export", "--checkpoint", str(run_dir), "--format", "onnx", "--output",
+    code, _, err = run_q8(["export", "--checkpoint", str(run_dir), "--format", "tflite", "--output",
                            str(tmp_path / "x")], capsys)
-    assert code == 2 and err == "q8: error: backend 'torch' cannot export 'onnx'; it exports: hf\n"
+    assert code == 2 and err == "q8: error: backend 'torch' cannot export 'tflite'; it exports: hf, onnx-int8, onnx\n"
     assert not (tmp_path / "x").exists()
 
 

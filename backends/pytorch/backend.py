@@ -11,10 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from q8core.backend import Backend
+from q8core.distributed import SINGLE, DistributedEnv
 from q8core.errors import Q8Error, load_error
 from q8core.spec import QuantSpec
 
-from .quantization import quantize_model, quantized_modules
+from .quantization import quantize_model, quantized_modules, sync_ranges
 
 QUANT_STATE_FILE = "quant_state.safetensors"
 TRAINING_STATE_FILE = "training_state.safetensors"
@@ -53,6 +54,8 @@ class TorchBackend(Backend):
     dynamic_shapes = True
     export_formats = ("hf",)
     resumable = True
+    distributed = True
+    _owns_process_group = False  # init_distributed created it, so shutdown_distributed destroys it
 
     def __init__(self, model: torch.nn.Module, spec: QuantSpec, device: torch.device) -> None:
         self.model = model.to(device)
@@ -61,6 +64,7 @@ class TorchBackend(Backend):
         self.optimizer = None
         self.scheduler = None
         self.regression = model.config.problem_type == "regression"
+        self.ddp = None  # the DistributedDataParallel wrapper training steps run through (data-parallel)
 
     @classmethod
     def framework_version(cls) -> str:
@@ -120,12 +124,123 @@ class TorchBackend(Backend):
         self.model.train()
         loss = self.model(**self._tensors(batch)).loss
         loss.backward()
+        self._optimizer_step()
+        return float(loss.detach())
+
+    def _optimizer_step(self) -> None:
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+
+    # -- data parallelism (torchrun) -----------------------------------------------------------
+    @classmethod
+    def rank_device(cls, device, env):
+        kind, _, index = device.partition(":")
+        if kind in ("gpu", "cuda"):
+            if index:
+                raise Q8Error(f"--device {device}: under {env.launcher} every process takes the GPU of its "
+                              f"LOCAL_RANK; pass --device gpu (CUDA_VISIBLE_DEVICES picks the GPUs)")
+            return f"gpu:{env.local_rank or 0}"
+        return device
+
+    @classmethod
+    def init_distributed(cls, env, device):
+        """The process group: NCCL on CUDA, gloo on CPU, rendezvous from torchrun's ``MASTER_ADDR``
+        and ``MASTER_PORT`` (``env://``)."""
+        import os
+
+        import torch.distributed as dist
+
+        if env.launcher != "torchrun":
+            raise Q8Error(f"backend 'torch' trains data-parallel under torchrun; {env.launcher} started "
+                          f"this process")
+        if not dist.is_available():
+            raise Q8Error("this PyTorch build has no torch.distributed")
+        dev = torch_device(device)
+        if dist.is_initialized():  # the caller set it up: use it as it is
+            if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
+                raise Q8Error(f"the initialised process group (rank {dist.get_rank()} of {dist.get_world_size()}) "
+                              f"does not match RANK={env.rank} WORLD_SIZE={env.world_size}")
+            return env
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise Q8Error(f"WORLD_SIZE={env.world_size} but {' and '.join(missing)} not set: start the "
+                          f"processes with torchrun")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+            dist.init_process_group("nccl", rank=env.rank, world_size=env.world_size, device_id=dev)
+        else:
+            dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size)
+        cls._owns_process_group = True
+        return env
+
+    @classmethod
+    def shutdown_distributed(cls):
+        import torch.distributed as dist
+
+        if cls._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        cls._owns_process_group = False
+
+    @classmethod
+    def barrier(cls):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+    @classmethod
+    def broadcast_object(cls, obj, src=0):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def enable_data_parallel(self, env: DistributedEnv) -> None:
+        """Wrap the model in DistributedDataParallel (it broadcasts rank 0's weights); the quantized
+        layers all-reduce their batch max|x| (MAX) before each EMA update; ranks above 0 reseed their
+        RNG (dropout) from the current state plus the rank, so rank 0 keeps a one-process run's stream."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.dist = env
+        sync_ranges(self.model)
+        # buffers (EMA ranges, step counts) stay identical without broadcasting them every step
+        self.ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                           forward_sync_buffers=False)
+        if env.rank:
+            torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,))) + env.rank)
+
+    def disable_data_parallel(self):
+        """Drop the DDP wrapper (its reducer holds the process group: a group that outlives
+        destroy_process_group is torn down with the interpreter, and gloo may then abort the process)."""
+        import gc
+
+        if self.ddp is None:
+            return
+        self.ddp = None
+        sync_ranges(self.model, False)
+        self.dist = SINGLE
+        gc.collect()
+
+    def train_step_shard(self, batch, *, weight):
+        import torch.distributed as dist
+
+        if self.optimizer is None or self.ddp is None:
+            raise RuntimeError("configure_optimizer() and enable_data_parallel() must come before train_step_shard()")
+        self.ddp.train()
+        loss = self.ddp(**self._tensors(batch)).loss
+        # DDP averages gradients over ranks: scaled so, the average is the global batch's mean gradient
+        scale = weight * self.dist.world_size
+        (loss if scale == 1.0 else loss * scale).backward()
+        self._optimizer_step()
+        total = (loss.detach().float() * weight).reshape(1)
+        dist.all_reduce(total)
+        return float(total)
 
     def learning_rate(self):
         return float(self.scheduler.get_last_lr()[0])

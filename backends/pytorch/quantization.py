@@ -9,11 +9,16 @@ integers: ``acc = x_q · W_qᵀ + b_q``, ``y = acc / (S_W * S_x)``. That is the 
 int8 -> int32 layer exactly, as long as the accumulator stays below 2^24 (always when
 in_features · 127² < 2^24, i.e. in_features <= 1040, and in practice far beyond). The backward
 pass is the straight-through estimator: gradients flow as if ``y = FQ(x) · FQ(W)ᵀ + b``.
+
+In data-parallel training (:func:`sync_ranges`) each EMA update takes the batch max|x| over every
+rank's rows (an all-reduce MAX), so all ranks keep the ranges a one-process run over the whole
+global batch keeps; without a process group nothing is communicated.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -41,6 +46,14 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tens
 def ste(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
     """Straight-through estimator: the value of ``quantized``, the gradient of ``x``."""
     return x + (quantized - x).detach()
+
+
+def all_ranks_max(value: torch.Tensor) -> torch.Tensor:
+    """``value`` replaced by its maximum over every rank of the process group, in place; as it is when
+    no process group is initialised (a one-process run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
 
 
 def ema_update(ema: torch.Tensor, value: torch.Tensor, decay: float) -> torch.Tensor:
@@ -82,6 +95,11 @@ class _QuantState:
     They are saved separately (``quant_state.safetensors``) so the model's own state dict, and so
     its ``model.safetensors``, stays exactly the Hugging Face one.
     """
+
+    #: Data-parallel training (:func:`sync_ranges`): the batch max|x| of every EMA update is the
+    #: maximum over all ranks' rows, so every rank keeps the same ranges a one-process run over the
+    #: whole global batch would.
+    sync_ranges = False
 
     def _init_quant_state(self, spec: QuantSpec, device: torch.device) -> None:
         self.spec = spec
@@ -132,6 +150,8 @@ class QuantizedLinear(_QuantState, nn.Linear):
             return x.detach().abs().max()
         if self.training:
             batch_max = x.detach().abs().max()
+            if self.sync_ranges:
+                batch_max = all_ranks_max(batch_max)
             first = int(self.steps) == self.spec.start_step + 1  # the first quantized step sets it
             self.input_ema.copy_(batch_max if first else ema_update(self.input_ema, batch_max, self.spec.ema_decay))
         return self.input_ema
@@ -182,3 +202,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
 def quantized_modules(model: nn.Module):
     """(name, module) for every quantized module, in model order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantState)]
+
+
+def sync_ranges(model: nn.Module, enabled: bool = True) -> None:
+    """Make every quantized layer of ``model`` all-reduce (MAX) its batch max|x| across the ranks of
+    the initialised process group before each EMA update (data-parallel training)."""
+    for _, module in quantized_modules(model):
+        module.sync_ranges = enabled
