@@ -44,8 +44,9 @@ class ProgressBar:
     @hookimpl
     def on_evaluate(self, trainer, step, metrics, is_best):
         main = trainer.task.main_metric
-        self.bar.write(f"step {step} (epoch {step / trainer.steps_per_epoch:.2f}): {format_metrics(metrics)}"
-                       f" | best {main} {trainer.best_metric:.4f} at step {trainer.best_step}")
+        best = (f"best {main} {trainer.best_metric:.4f} at step {trainer.best_step}" if trainer.best_step is not None
+                else f"not a QAT model yet (quantization starts after step {trainer.spec.start_step})")
+        self.bar.write(f"step {step} (epoch {step / trainer.steps_per_epoch:.2f}): {format_metrics(metrics)} | {best}")
 
     @hookimpl
     def on_train_end(self, trainer, results):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoints, distributed, modelzoo
+from . import checkpoints, distributed, modelzoo, records
 from .callbacks import METRICS_LOG, MetricsLog, ProgressBar
 from .config import RUN_CONFIG_FILE, RunConfig
 from .errors import Q8Error
@@ -110,12 +110,22 @@ class Trainer:
         """Data, tokenizer and model: from the pretrained model, or from the checkpoint resumed."""
         cfg = self.config
         data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-        train = self.task.read(data_dir, "train")
+        tsv = cfg.dataset_type == records.TSV
+        if tsv:
+            train = self.task.read(data_dir, "train")
+        else:  # pre-tokenized: the files must be there before the model is fetched
+            for split in ("train", *(self.task.eval_splits.values() if cfg.do_eval else ())):
+                records.split_file(self.task, data_dir, split, cfg.dataset_type)
         source = resume_from or self._model_source()
-        tokenizer = load_tokenizer(source)
-        train_arrays = encode(train, tokenizer, self.task, cfg.max_seq_length)
+        tokenizer = load_tokenizer(source)  # also saved in every checkpoint, records or not
+        if tsv:
+            train_arrays = encode(train, tokenizer, self.task, cfg.max_seq_length)
+        else:
+            train_arrays = records.load(self.task, data_dir, "train", cfg.dataset_type, cfg.max_seq_length,
+                                        vocab_size=len(tokenizer))
         evaluates = cfg.do_eval and self.dist.is_main  # rank 0 evaluates for all
-        eval_sets = load_eval_sets(self.task, data_dir, tokenizer, cfg.max_seq_length) if evaluates else {}
+        eval_sets = load_eval_sets(self.task, data_dir, tokenizer, cfg.max_seq_length,
+                                   cfg.dataset_type) if evaluates else {}
         if resume_from is not None:
             backend = self.backend_cls.from_checkpoint(resume_from, spec=self.spec, device=self.device)
         else:
@@ -176,9 +186,11 @@ class Trainer:
         cfg = self.config
         self._metrics = evaluate(self.backend, self.task, eval_sets, cfg.eval_batch_size, self._trim)
         value = self._metrics[self.task.main_metric]
-        # NaN (e.g. a correlation of constant predictions) never beats a number
-        is_best = self.best_metric is None or (not math.isnan(value) and
-                                               (math.isnan(self.best_metric) or value > self.best_metric))
+        # NaN (e.g. a correlation of constant predictions) never beats a number; a QAT run's model is not
+        # yet quantized during its --quant-delay, so those evaluations cannot be its best checkpoint
+        quantizing = self.spec.mode != "qat" or self.step > self.spec.start_step
+        is_best = quantizing and (self.best_metric is None or (
+            not math.isnan(value) and (math.isnan(self.best_metric) or value > self.best_metric)))
         if is_best:
             self.best_metric, self.best_step = value, self.step
             self.best_checkpoint = self._checkpoint_path()

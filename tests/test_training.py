@@ -67,6 +67,19 @@ def test_eval_results_and_trainer_state_agree_with_the_log(qat_run):
     assert state["last_checkpoint"] == "checkpoint-64"
 
 
+def test_evaluations_during_the_quant_delay_are_never_the_best(tiny_bert, sst2_dir, tmp_path):
+    # 2 epochs of 16 steps, evaluated every 8; quantization starts after step 20
+    trainer = _train(tiny_bert, sst2_dir, tmp_path / "run", epochs=2, eval_steps=8,
+                     spec=QuantSpec(ema_decay=0.9, start_step=20))
+    evals = _records(tmp_path / "run", "eval")
+    assert [r["step"] for r in evals] == [8, 16, 24, 32]
+    assert not any(r["is_best"] for r in evals[:2])  # an unquantized model is no QAT checkpoint
+    quantized = evals[2:]
+    best = max(quantized, key=lambda r: r["accuracy"])
+    assert (trainer.best_step, trainer.best_metric) == (best["step"], best["accuracy"])
+    assert not (tmp_path / "run" / "checkpoint-8").exists() and not (tmp_path / "run" / "checkpoint-16").exists()
+
+
 def test_checkpoint_round_trip_gives_identical_logits_and_ranges(qat_run, tiny_bert):
     trainer, data, run_dir = qat_run
     path = run_dir / "checkpoint-64"
