@@ -231,6 +231,31 @@ def test_model_folder_without_config_or_weights(kind, tiny_bert, sst2_dir, tmp_p
     assert not out.exists()
 
 
+def test_model_whose_weights_do_not_fit_its_config(tiny_bert, sst2_dir, tmp_path, capsys):
+    model = Path(shutil.copytree(tiny_bert, tmp_path / "model"))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    out = tmp_path / "out"
+    code, _, err = q8(run_args(model, sst2_dir, out), capsys)
+    assert_one_line_error(code, err, str(model), "do not fit its config.json",
+                          "intermediate.dense.bias has shape (64,), config.json says (48,)")
+    assert not out.exists()
+
+
+def test_a_model_that_is_not_a_bert_family_encoder(tiny_bert, sst2_dir, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2Model
+
+    model = Path(shutil.copytree(tiny_bert, tmp_path / "model"))
+    (model / "model.safetensors").unlink()
+    (model / "config.json").unlink()
+    GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=32, n_positions=64,
+                         bos_token_id=0, eos_token_id=0)).save_pretrained(str(model))
+    out = tmp_path / "out"
+    code, _, err = q8(run_args(model, sst2_dir, out), capsys)
+    assert_one_line_error(code, err, str(model), "'gpt2' model", "BERT-family encoders")
+    assert not out.exists()
+
+
 # -- 3. the output folder ---------------------------------------------------------------------
 def test_previous_run_is_refused_and_left_untouched(trained, tiny_bert, tmp_path, capsys):
     run_dir, data, _ = trained

@@ -18,6 +18,9 @@ from q8core.spec import QuantSpec
 from .quantization import quantize_model, quantized_modules, sync_ranges
 
 QUANT_STATE_FILE = "quant_state.safetensors"
+#: ``model_type`` values this backend fine-tunes: encoders whose fully connected layers are
+#: ``nn.Linear`` and whose embeddings are ``nn.Embedding`` (the ONNX int8 export is BERT's graph).
+ENCODERS = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
 TRAINING_STATE_FILE = "training_state.safetensors"
 
 
@@ -42,9 +45,39 @@ def _load_hf_model(source: str, **config_kwargs):
     hf_logging.disable_progress_bar()
     try:
         config = AutoConfig.from_pretrained(source, **config_kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise load_error(source, exc) from None
+    if config.model_type not in ENCODERS:
+        raise Q8Error(f"{source}: a {config.model_type!r} model; Q8BERT fine-tunes BERT-family encoders "
+                      f"({', '.join(ENCODERS)})")
+    try:
         return AutoModelForSequenceClassification.from_pretrained(source, config=config)
     except (OSError, ValueError, KeyError) as exc:
         raise load_error(source, exc) from None
+    except RuntimeError as exc:  # transformers: weights whose shapes do not fit the config
+        if "mismatched" not in str(exc):
+            raise
+        raise Q8Error(f"{source}: its weights do not fit its config.json "
+                      f"({_first_mismatch(source, config) or 'tensor shapes differ'})") from None
+
+
+def _first_mismatch(source: str, config) -> str | None:
+    """'NAME has shape A, config.json says B' for the first weight of a local folder that does not fit."""
+    from transformers import AutoModelForSequenceClassification
+
+    weights = Path(source) / "model.safetensors"
+    if not weights.is_file():
+        return None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AutoModelForSequenceClassification.from_config(config).state_dict().items()}
+    prefix = f"{config.model_type}."
+    with safe_open(str(weights), framework="pt") as fh:
+        for name in fh.keys():
+            shape = tuple(fh.get_slice(name).get_shape())
+            want = expected.get(name, expected.get(prefix + name))
+            if want is not None and want != shape:
+                return f"{name} has shape {shape}, config.json says {want}"
+    return None
 
 
 class TorchBackend(Backend):
