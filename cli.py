@@ -20,6 +20,7 @@ from q8core.config import RunConfig
 from q8core.errors import Q8Error
 from q8core.evaluation import evaluate, load_eval_sets
 from q8core.plugins import load_registry
+from q8core.records import DATASET_TYPES
 from q8core.spec import MODES, QuantSpec
 from q8core.tokenization import load_tokenizer
 
@@ -53,7 +54,11 @@ def cli(ctx, debug):
 @click.option("--task", help="GLUE task: sts-b, sst-2, qnli, mrpc, rte, cola, qqp, mnli, wnli.  [required]")
 @click.option("--data-dir", type=click.Path(path_type=Path),
               help="The task's GLUE folder (train.tsv, dev.tsv) or a saved `datasets` copy "
-                   "[default: nyu-mll/glue from the Hugging Face hub].")
+                   "[default: nyu-mll/glue from the Hugging Face hub]; with --dataset-type tfrecord|mindrecord, "
+                   "the folder of the ModelZoo's record files (train.tf_record, eval.tf_record, ...).")
+@click.option("--dataset-type", type=click.Choice(DATASET_TYPES), default="tsv", show_default=True,
+              help="tsv: GLUE text, tokenized by the model's tokenizer; tfrecord / mindrecord: pre-tokenized "
+                   "records as the MindSpore ModelZoo writes them, read with mindspore.dataset (needs MindSpore).")
 @click.option("--output-dir", type=click.Path(path_type=Path), help="Run folder to create.  [required]")
 @click.option("--model", default="bert-base-uncased", show_default=True,
               help="Pretrained BERT: a Hugging Face hub id, a local folder, or a MindSpore ModelZoo .ckpt "
@@ -252,14 +257,17 @@ def _open_checkpoint(checkpoint: Path, registry):
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
               help="A checkpoint folder, or a run folder (its best checkpoint).")
 @click.option("--data-dir", type=click.Path(path_type=Path),
-              help="The task's GLUE folder or `datasets` copy [default: nyu-mll/glue from the hub].")
+              help="The task's GLUE folder or `datasets` copy [default: nyu-mll/glue from the hub]; with "
+                   "--dataset-type tfrecord|mindrecord, the folder of the ModelZoo's record files.")
+@click.option("--dataset-type", type=click.Choice(DATASET_TYPES), default="tsv", show_default=True,
+              help="tsv: GLUE text; tfrecord / mindrecord: the ModelZoo's pre-tokenized records (eval.tf_record, ...).")
 @click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--mode", type=click.Choice(MODES),
               help="Evaluate as this mode instead of the checkpoint's own: dq on an fp32 checkpoint is the "
                    "paper's post-training dynamic quantization baseline; fp32 runs the master weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
-def eval_(checkpoint, data_dir, device, eval_batch_size, mode, as_json):
+def eval_(checkpoint, data_dir, dataset_type, device, eval_batch_size, mode, as_json):
     """Evaluate a checkpoint on its task's dev set (backend and task come from the checkpoint)."""
     registry = _registry()
     path, manifest, backend_cls = _open_checkpoint(checkpoint, registry)
@@ -274,13 +282,31 @@ def eval_(checkpoint, data_dir, device, eval_batch_size, mode, as_json):
                       f"--mode applies to checkpoints")
     if mode is not None:
         spec = dataclasses.replace(spec, mode=mode)
+    load_data = lambda: load_eval_sets(task, data_dir, load_tokenizer(path),  # noqa: E731
+                                       manifest.get("max_seq_length", 128), dataset_type)
+    records = None if dataset_type == "tsv" else load_data()  # bad record files fail before the model loads
     backend = backend_cls.from_checkpoint(path, spec=spec, device=device)
-    eval_sets = load_eval_sets(task, data_dir, load_tokenizer(path), manifest.get("max_seq_length", 128))
+    eval_sets = load_data() if records is None else records
     metrics = evaluate(backend, task, eval_sets, eval_batch_size, backend_cls.dynamic_shapes)
     if as_json:
         click.echo(json.dumps({"task": task.name, "checkpoint": str(path), "mode": spec.mode, **metrics}))
     else:
         click.echo(f"{task.name} dev, {path} ({spec.mode}, {backend_cls.name}): {format_metrics(metrics)}")
+        click.echo(_modelzoo_line(metrics, task.main_metric, path))
+
+
+def _modelzoo_line(metrics: dict[str, float], main_metric: str, checkpoint: Path) -> str:
+    """The ModelZoo's result line: the current metrics, and the best main metric of the checkpoint's run
+    (this checkpoint's own where it has no run folder, or where it beats the run's best)."""
+    best = metrics[main_metric]
+    state_file = checkpoint.parent / checkpoints.TRAINER_STATE_FILE
+    try:
+        run_best = json.loads(state_file.read_text(encoding="utf-8")).get("best_metric")
+    except (OSError, ValueError):
+        run_best = None
+    if isinstance(run_best, float) and run_best == run_best and not best > run_best:
+        best = run_best
+    return f"The current result is {metrics}, the best result is  {best}"
 
 
 @cli.command()

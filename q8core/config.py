@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Q8Error
+from .records import TSV, check_dataset_type
 from .spec import QuantSpec
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -21,6 +22,7 @@ class RunConfig:
     model: str
     data_dir: str | None  # None: the task's default source (GLUE from the Hugging Face hub)
     output_dir: str
+    dataset_type: str = "tsv"  # tsv: the task's own reader; tfrecord / mindrecord: see q8core.records
     backend: str = "torch"
     device: str = "cpu"
     spec: QuantSpec = field(default_factory=QuantSpec)
@@ -63,6 +65,10 @@ class RunConfig:
                 raise Q8Error(f"--{name.replace('_', '-')} must be a non-negative number, got {value}")
         if not 0 <= self.warmup_ratio < 1:
             raise Q8Error(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        check_dataset_type(self.dataset_type)
+        if self.dataset_type != TSV and not self.data_dir:
+            raise Q8Error(f"--dataset-type {self.dataset_type} reads the files of the ModelZoo's data pipeline; "
+                          f"pass --data-dir with their folder (see README, 'ModelZoo records')")
         if self.max_seq_length > 512:
             raise Q8Error(f"--max-seq-length {self.max_seq_length} exceeds BERT's 512 positions")
 

@@ -6,15 +6,22 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
+from . import metrics, records
 from .task import Task
 from .tokenization import batches, encode
 
 
-def load_eval_sets(task: Task, data_dir: Path | None, tokenizer,
-                   max_seq_length: int) -> dict[str, dict[str, np.ndarray]]:
-    """Tokenized dev split(s) of ``task``, keyed by metric-name suffix (``""``, ``"_mm"``)."""
+def load_eval_sets(task: Task, data_dir: Path | None, tokenizer, max_seq_length: int,
+                   dataset_type: str = records.TSV) -> dict[str, dict[str, np.ndarray]]:
+    """Tokenized dev split(s) of ``task``, keyed by metric-name suffix (``""``, ``"_mm"``); with a
+    record ``dataset_type`` read pre-tokenized from the ModelZoo's files (see :mod:`q8core.records`)."""
     data_dir = None if data_dir is None else Path(data_dir)
+    if dataset_type != records.TSV:
+        for split in task.eval_splits.values():  # every file is there before any is read
+            records.split_file(task, data_dir, split, dataset_type)
+        return {suffix: records.load(task, data_dir, split, dataset_type, max_seq_length,
+                                     vocab_size=len(tokenizer))
+                for suffix, split in task.eval_splits.items()}
     return {suffix: encode(task.read(data_dir, split), tokenizer, task, max_seq_length)
             for suffix, split in task.eval_splits.items()}
 

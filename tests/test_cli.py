@@ -648,7 +648,8 @@ def test_eval_human_line(trained, capsys):
     code, out, err = q8(["eval", "--checkpoint", str(run_dir), "--data-dir", str(data)], capsys)
     assert code == 0, err
     lines = out.splitlines()
-    assert len(lines) == 1
+    assert len(lines) == 2  # q8's line, then the ModelZoo's "The current result is ..." line
+    assert lines[1].startswith("The current result is {'accuracy': ")
     assert "sst-2" in lines[0] and "accuracy=" in lines[0] and "qat" in lines[0]
     assert "checkpoint-16" in lines[0]  # a run folder resolves to its best checkpoint
     with pytest.raises(json.JSONDecodeError):

@@ -114,6 +114,16 @@ def test_q8_eval_reproduces_the_final_metrics(qat_run, capsys):
     assert json.loads(out)["accuracy"] == results["best_metric"]
 
 
+def test_q8_eval_prints_the_modelzoo_result_line(qat_run, capsys):
+    _, data, run_dir = qat_run
+    code, out, err = run_q8(["eval", "--checkpoint", str(run_dir / "checkpoint-64"), "--data-dir", str(data)], capsys)
+    assert code == 0, err
+    results = json.loads((run_dir / "eval_results.json").read_text())
+    current = {"accuracy": results["metrics"]["accuracy"]}
+    best = max(results["best_metric"], current["accuracy"])
+    assert out.splitlines()[-1] == f"The current result is {current}, the best result is  {best}"
+
+
 def test_rotation_keeps_the_newest_n_and_the_best(tiny_bert, sst2_dir, tmp_path):
     out = tmp_path / "run"
     trainer = _train(tiny_bert, sst2_dir, out, epochs=2, save_steps=4, eval_steps=8, max_checkpoints=2)
