@@ -41,6 +41,60 @@ def _registry():
     return registry
 
 
+BACKEND_OPTION = "backend_option__"  # click parameter names of the backends' own options
+
+
+class WithBackendOptions(click.Command):
+    """A command that also takes the installed backends' own options (the ``add_backend_options`` hook),
+    listed in ``--help`` under each backend's heading."""
+
+    def _backend_params(self, ctx) -> list[click.Option]:
+        cached = ctx.meta.get(f"q8.backend_params.{self.name}")
+        if cached is None:
+            from q8core.plugins import load_registry
+
+            cached = []
+            for option in load_registry().options:
+                if self.name in option.commands:
+                    param = click.Option([option.flag, BACKEND_OPTION + option.name], default=None,
+                                         type=None if option.type is bool else option.type,
+                                         help=f"{option.help}  [default: {option.default}]")
+                    param.q8_backend = option.backend
+                    cached.append(param)
+            ctx.meta[f"q8.backend_params.{self.name}"] = cached
+        return cached
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        return params[:-1] + self._backend_params(ctx) + params[-1:]  # --help stays last
+
+    def format_options(self, ctx, formatter):
+        own = [p for p in super().get_params(ctx)]
+        with formatter.section("Options"):
+            formatter.write_dl([r for p in own if (r := p.get_help_record(ctx))])
+        groups: dict[str, list] = {}
+        for param in self._backend_params(ctx):
+            groups.setdefault(param.q8_backend, []).append(param)
+        for backend, params in sorted(groups.items()):
+            with formatter.section(f"Options of backend {backend} (with --backend {backend})"):
+                formatter.write_dl([r for p in params if (r := p.get_help_record(ctx))])
+
+
+def _take_backend_options(ctx, options: dict, backend: str) -> dict:
+    """Pop the backends' options from ``options``: those given for ``backend``; one given for another
+    backend is a one-line error."""
+    given = {}
+    for key in [k for k in options if k.startswith(BACKEND_OPTION)]:
+        value = options.pop(key)
+        if value is None:
+            continue
+        param = next(p for p in ctx.command.get_params(ctx) if p.name == key)
+        if param.q8_backend != backend:
+            raise Q8Error(f"{param.opts[0]} is an option of backend {param.q8_backend}; this uses backend {backend}")
+        given[key[len(BACKEND_OPTION):]] = value
+    return given
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="q8")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
@@ -50,7 +104,7 @@ def cli(ctx, debug):
     ctx.obj = {"debug": debug}
 
 
-@cli.command()
+@cli.command(cls=WithBackendOptions)
 @click.option("--task", help="GLUE task: sts-b, sst-2, qnli, mrpc, rte, cola, qqp, mnli, wnli.  [required]")
 @click.option("--data-dir", type=click.Path(path_type=Path),
               help="The task's GLUE folder (train.tsv, dev.tsv) or a saved `datasets` copy "
@@ -117,15 +171,18 @@ def run(ctx, spec_file, ema_decay, quant_delay, mode, quiet, resume_dir, example
     spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     options["data_dir"] = None if options["data_dir"] is None else str(options["data_dir"])
     options["output_dir"] = str(options["output_dir"])
-    config = RunConfig(spec=spec, **options)
-    _report(Trainer(config, _registry(), progress=not quiet).run(), config)
+    registry = _registry()
+    registry.task(options["task"])  # an unknown task is named before an unknown backend
+    backend_options = _take_backend_options(ctx, options, registry.backend(options["backend"]).name)
+    config = RunConfig(spec=spec, backend_options=backend_options, **options)
+    _report(Trainer(config, registry, progress=not quiet).run(), config)
 
 
 def _refuse_other_options(ctx, allowed: set[str], why: str) -> None:
     """One-line error for an option typed on the command line that this way of running ignores."""
     from click.core import ParameterSource
 
-    given = [p.opts[0] for p in ctx.command.params if p.name not in allowed
+    given = [p.opts[0] for p in ctx.command.get_params(ctx) if p.name not in allowed
              and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
     if given:
         raise Q8Error(f"{why}; drop {given[0]}")
@@ -253,7 +310,7 @@ def _open_checkpoint(checkpoint: Path, registry):
     return path, manifest, registry.backend(manifest["backend"])
 
 
-@cli.command("eval")
+@cli.command("eval", cls=WithBackendOptions)
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
               help="A checkpoint folder, or a run folder (its best checkpoint).")
 @click.option("--data-dir", type=click.Path(path_type=Path),
@@ -267,10 +324,18 @@ def _open_checkpoint(checkpoint: Path, registry):
               help="Evaluate as this mode instead of the checkpoint's own: dq on an fp32 checkpoint is the "
                    "paper's post-training dynamic quantization baseline; fp32 runs the master weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
-def eval_(checkpoint, data_dir, dataset_type, device, eval_batch_size, mode, as_json):
+@click.pass_context
+def eval_(ctx, checkpoint, data_dir, dataset_type, device, eval_batch_size, mode, as_json, **given):
     """Evaluate a checkpoint on its task's dev set (backend and task come from the checkpoint)."""
+    from q8core import options
+
     registry = _registry()
     path, manifest, backend_cls = _open_checkpoint(checkpoint, registry)
+    declared = options.for_backend(registry.options, backend_cls.name, "eval")
+    stored = {k: v for k, v in (manifest.get("backend_options") or {}).items() if k in {o.name for o in declared}}
+    backend_options = options.check_stored({**stored, **_take_backend_options(ctx, given, backend_cls.name)},
+                                           declared, backend_cls.name, where=str(path))
+    backend_cls.check_options(backend_options)
     task = registry.task(manifest["task"])
     labels = manifest.get("labels")
     if (labels is None) != task.is_regression or (labels and tuple(labels) != task.labels):
@@ -286,6 +351,7 @@ def eval_(checkpoint, data_dir, dataset_type, device, eval_batch_size, mode, as_
                                        manifest.get("max_seq_length", 128), dataset_type)
     records = None if dataset_type == "tsv" else load_data()  # bad record files fail before the model loads
     backend = backend_cls.from_checkpoint(path, spec=spec, device=device)
+    backend.set_options(backend_options)
     eval_sets = load_data() if records is None else records
     metrics = evaluate(backend, task, eval_sets, eval_batch_size, backend_cls.dynamic_shapes)
     if as_json:

@@ -68,6 +68,17 @@ class Backend(abc.ABC):
             raise Q8Error(f"backend {cls.name!r} does not support device {device!r} "
                           f"(supported: {', '.join(cls.devices)})")
 
+    # -- backend options (see q8core.options) ------------------------------------------------
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        """Raise :class:`Q8Error` (one line) for values of this backend's options it cannot use; ``options``
+        holds those of the current command (``q8 run`` or ``q8 eval``), defaults filled in."""
+
+    def set_options(self, options: dict) -> None:
+        """Receive this backend's options (declared through ``add_backend_options``), once, after
+        construction and before training or prediction."""
+        self.options = dict(options)
+
     # -- training ----------------------------------------------------------------------------
     @abc.abstractmethod
     def configure_optimizer(self, *, learning_rate: float, weight_decay: float, warmup_steps: int,

@@ -45,6 +45,7 @@ class RunConfig:
     do_eval: bool = True
     seed: int = 42
     overwrite: bool = False
+    backend_options: dict = field(default_factory=dict)  # the backend's own options (q8core.options)
 
     def __post_init__(self) -> None:
         positive = ("train_batch_size", "eval_batch_size", "max_seq_length", "logging_steps", "max_checkpoints")

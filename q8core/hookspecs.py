@@ -24,6 +24,12 @@ def register_tasks(register):
 
 
 @hookspec
+def add_backend_options(parser):
+    """Add a backend's own ``q8 run`` / ``q8 eval`` options: ``parser.group(backend_name).add(name,
+    type=int, default=1, help=...)`` (see :mod:`q8core.options`)."""
+
+
+@hookspec
 def on_train_start(trainer):
     """Training is about to start; ``trainer.config``, ``trainer.total_steps`` are set."""
 

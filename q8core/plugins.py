@@ -41,6 +41,7 @@ class Registry:
     pm: pluggy.PluginManager
     backends: dict[str, Registered] = field(default_factory=dict)
     tasks: dict[str, Registered] = field(default_factory=dict)
+    options: list = field(default_factory=list)  # q8core.options.BackendOption, from add_backend_options
     failures: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)  # plugin name -> distribution version
     _aliases: dict[str, str] = field(default_factory=dict)
@@ -143,4 +144,20 @@ def load_registry(extra_plugins: tuple[object, ...] = ()) -> Registry:
         pm.register(plugin)
     _call_each(registry, pm.hook.register_backends, _backend_registrar(registry))
     _call_each(registry, pm.hook.register_tasks, _task_registrar(registry))
+    _add_options(registry)
     return registry
+
+
+def _add_options(registry: Registry) -> None:
+    """Every plugin's ``add_backend_options``; a plugin whose hook fails is recorded like a broken plugin."""
+    from .options import OptionParser
+
+    parser = OptionParser()
+    for impl in registry.pm.hook.add_backend_options.get_hookimpls():
+        try:
+            impl.function(parser=parser)
+        except Q8Error:
+            raise
+        except Exception as exc:
+            registry.failures[impl.plugin_name] = _describe(exc)
+    registry.options = parser.options

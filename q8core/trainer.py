@@ -13,6 +13,7 @@ follows from the step count, so all ranks take it together.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoints, distributed, modelzoo, records
+from . import checkpoints, distributed, modelzoo, options, records
 from .callbacks import METRICS_LOG, MetricsLog, ProgressBar
 from .config import RUN_CONFIG_FILE, RunConfig
 from .errors import Q8Error
@@ -60,6 +61,11 @@ class Trainer:
         self.task = registry.task(config.task)
         self.backend_cls = registry.backend(config.backend)
         self.backend_cls.check_device(config.device)
+        self.backend_options = options.check_stored(
+            config.backend_options, options.for_backend(registry.options, self.backend_cls.name),
+            self.backend_cls.name, where=RUN_CONFIG_FILE)
+        self.backend_cls.check_options(self.backend_options)
+        self.config = config = dataclasses.replace(config, backend_options=self.backend_options)  # defaults stored too
         self.spec = config.spec
         self.output_dir = Path(config.output_dir)
         self.progress = progress
@@ -131,6 +137,7 @@ class Trainer:
         else:
             backend = self.backend_cls.from_pretrained(source, labels=self.task.labels, spec=self.spec,
                                                        device=self.device, seed=cfg.seed)
+        backend.set_options(self.backend_options)
         return tokenizer, train_arrays, eval_sets, backend
 
     def _model_source(self) -> str:
@@ -152,7 +159,8 @@ class Trainer:
     def _save(self) -> Path:
         path = self._checkpoint_path()
         info = {"task": self.task.name, "labels": list(self.task.labels) if self.task.labels else None,
-                "step": self.step, "max_seq_length": self.config.max_seq_length, "metrics": self._metrics}
+                "step": self.step, "max_seq_length": self.config.max_seq_length, "metrics": self._metrics,
+                "backend_options": self.backend_options}
         self.last_checkpoint = path
         checkpoints.write_checkpoint(path, self.backend, self.tokenizer, info, extra=self._save_resume_state)
         self.registry.pm.hook.on_checkpoint_saved(trainer=self, step=self.step, path=path)

@@ -113,9 +113,10 @@ class NumpyBowBackend(Backend):
             grad = p
             grad[np.arange(n), labels] -= 1.0
             grad /= n
+        l2 = getattr(self, "options", {}).get("l2", 0.0)  # this backend's own option (add_backend_options)
         lr = self.learning_rate()
         self._step += 1
-        for i, (param, g) in enumerate(((self.weight, x.T @ grad), (self.bias, grad.sum(axis=0)))):
+        for i, (param, g) in enumerate(((self.weight, x.T @ grad + l2 * self.weight), (self.bias, grad.sum(axis=0)))):
             self._m[i] = 0.9 * self._m[i] + 0.1 * g
             self._v[i] = 0.999 * self._v[i] + 0.001 * g * g
             m_hat = self._m[i] / (1 - 0.9 ** self._step)
@@ -132,9 +133,21 @@ class NumpyBowBackend(Backend):
         return [WEIGHTS]
 
 
+    @classmethod
+    def check_options(cls, options):
+        if options.get("l2", 0.0) < 0:  # q8 eval passes only the eval options
+            raise Q8Error(f"--l2 must be >= 0, got {options['l2']}")
+
+
 @hookimpl
 def register_backends(register):
     register(NumpyBowBackend)
+
+
+@hookimpl
+def add_backend_options(parser):
+    parser.group("numpy-bow").add("l2", type=float, default=0.0, help="L2 penalty on the weights.",
+                                  commands=("run",))
 '''
 
 
@@ -540,3 +553,45 @@ def test_unavailable_backend_is_listed_and_refuses_with_the_install_hint(monkeyp
     assert code == 2 and out == ""
     assert err == "q8: error: backend 'jaxbert' is not usable here: JAX is not installed (pip install jax)\n"
     assert not (tmp_path / "out").exists()
+
+
+# -- 6. a backend's own options (add_backend_options) ---------------------------------------------
+
+def test_backend_options_appear_with_their_backend_and_round_trip(tmp_path, bow_model, sst2_dir):
+    site = install_numpy_backend(tmp_path / "site")
+    plugins = "torch,glue,numpy-bow"
+    helptext = q8_subprocess(["run", "--help"], site, plugins, tmp_path)
+    assert helptext.returncode == 0, helptext.stderr
+    section = helptext.stdout.split("Options of backend numpy-bow (with --backend numpy-bow):")[1]
+    assert "--l2 FLOAT" in section and "L2 penalty on the weights." in section
+    assert "--l2" not in helptext.stdout.split("Options of backend numpy-bow")[0]
+    # without the plugin the option does not exist
+    alone = q8_subprocess(["run", "--help"], site, "torch,glue", tmp_path)
+    assert "--l2" not in alone.stdout and "Options of backend" not in alone.stdout
+
+    common = ["run", "--task", "sst-2", "--data-dir", str(sst2_dir), "--model", str(bow_model),
+              "--max-steps", "8", "--learning-rate", "0.05", "--quiet"]
+    wrong = q8_subprocess(common + ["--backend", "torch", "--l2", "0.1", "--output-dir", str(tmp_path / "w")],
+                          site, plugins, tmp_path)
+    assert wrong.returncode == 2 and wrong.stderr.strip() == \
+        "q8: error: --l2 is an option of backend numpy-bow; this uses backend torch"
+    bad = q8_subprocess(common + ["--backend", "bow", "--l2", "-1", "--output-dir", str(tmp_path / "b")],
+                        site, plugins, tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == "q8: error: --l2 must be >= 0, got -1.0"
+    assert not (tmp_path / "w").exists() and not (tmp_path / "b").exists()
+
+    weights = {}
+    for l2 in (None, "0.5"):
+        out = tmp_path / f"run-{l2}"
+        proc = q8_subprocess(common + ["--backend", "numpy-bow", "--output-dir", str(out)]
+                             + (["--l2", l2] if l2 else []), site, plugins, tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        stored = json.loads((out / "run_config.json").read_text())["backend_options"]
+        manifest = checkpoints.read_manifest(out / "checkpoint-8")
+        assert stored == manifest["backend_options"] == {"l2": float(l2 or 0.0)}
+        weights[l2] = np.load(out / "checkpoint-8" / "bow_weights.npz")["weight"]
+        # the stored options come back with --resume (a run-only option is not one of q8 eval's)
+        evaluated = q8_subprocess(["eval", "--checkpoint", str(out), "--data-dir", str(sst2_dir), "--json"],
+                                  site, plugins, tmp_path)
+        assert evaluated.returncode == 0, evaluated.stderr
+    assert not np.allclose(weights[None], weights["0.5"])  # the backend received and used the option
