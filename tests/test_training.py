@@ -180,7 +180,7 @@ def test_export_hf_is_a_plain_transformers_folder_with_the_same_logits(qat_run, 
     assert code == 2 and "--overwrite" in err
     code, _, err = run_q8(["export", "--checkpoint", str(run_dir), "--format", "tflite", "--output",
                            str(tmp_path / "x")], capsys)
-    assert code == 2 and err == "q8: error: backend 'torch' cannot export 'tflite'; it exports: hf, onnx-int8, onnx\n"
+    assert code == 2 and err == "q8: error: backend 'torch' cannot export 'tflite'; it exports: hf, onnx-int8, onnx-int8-qdq, onnx\n"
     assert not (tmp_path / "x").exists()
 
 
