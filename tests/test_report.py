@@ -26,14 +26,7 @@ STEPS = ["--max-steps", "6", "--logging-steps", "2", "--eval-steps", "3", "--tra
          "--learning-rate", "3e-3", "--quiet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_cli import _one_torch_thread  # noqa: E402,F401 -- module-wide: the tiny runs on one thread
 
 
 @pytest.fixture(scope="module")
