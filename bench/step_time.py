@@ -2,10 +2,16 @@
 with the torch backend also a plain hand-written PyTorch loop on the same batches (the framework's overhead).
 
     python bench/step_time.py [--backends torch,mindspore] [--model DIR] [--data-dir ../shared/glue/STS-B]
+                              [--threads N] [--cpu-time]
 
 Every backend and mode trains on the same real batches (the task's first rows, batch 16 and 32,
 trimmed to the longest row as `q8 run` does); they take turns in rounds so machine noise hits all
-alike, and the best round counts. Prints seconds per step, QAT/FP32, and each backend over the first.
+alike, and the best round counts. Prints seconds per step, QAT/FP32, and each backend over the first,
+and the machine's load average before and after (other jobs on a small machine change everything:
+PyTorch's 2-thread kernels slow down several-fold when the cores are oversubscribed).
+
+``--threads N`` gives every framework N kernel threads (``torch.set_num_threads``, ``Q8_MS_THREADS``);
+by default each keeps its own choice (PyTorch: one per core; the MindSpore backend: half the cores).
 """
 
 from __future__ import annotations
@@ -63,16 +69,25 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/glue/STS-B")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="kernel threads for every framework (default: each framework's own choice)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="process CPU time instead of wall-clock time (robust to other jobs on the machine)")
     args = parser.parse_args()
     clock = time.process_time if args.cpu_time else time.perf_counter
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        os.environ["Q8_MS_THREADS"] = str(args.threads)
     model = args.model or minilm()
     registry = load_registry()
     task = registry.task(args.task)
     names = args.backends.split(",")
     tokenizer = load_tokenizer(model)
-    print(f"{task.name}, {model}, {args.steps} steps x {args.rounds} rounds per backend, mode and batch size")
+    print(f"{task.name}, {model}, {args.steps} steps x {args.rounds} rounds per backend, mode and batch size; "
+          f"{'CPU' if args.cpu_time else 'wall-clock'} time; {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.2f}; threads: {args.threads or 'framework defaults'}")
     print(f"{'backend':>10} {'batch':>5} {'fp32 s/step':>12} {'qat s/step':>11} {'qat/fp32':>9} {'qat vs ' + names[0]:>14}")
     for batch_size in (16, 32):
         examples = task.read(args.data_dir, "train")[: batch_size * (args.steps + 1)]
@@ -108,6 +123,7 @@ def main() -> None:
             plain = best["plain", "fp32"]
             print(f"{'plain loop':>10} {batch_size:>5} {plain:>12.3f} {'':>11} {'':>9} {'':>14}   "
                   f"torch backend FP32 / plain loop = {best['torch', 'fp32'] / plain:.3f}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,36 @@ def test_quant_dense_matches_the_reference_in_training_and_inference(bits):
     assert np.float32(cell.input_ema.asnumpy()) == ema
 
 
+def test_compiled_quant_dense_rounds_halves_to_even_like_the_reference():
+    """Graph mode (what training runs) on inputs whose scaled values are exact halves: the compiled
+    rounding (an add/subtract of 1.5 * 2^23, not MindSpore's Round kernel) must not be folded away."""
+    spec = QuantSpec(ema_decay=0.5)
+    cell, _, b = _dense(spec)
+    rng = np.random.default_rng(6)
+    w = rng.integers(-254, 255, (16, 48)).astype(np.float32) / 2  # halves; max|W| = 127 -> S_W = 1
+    w[0, 0] = 127.0
+    cell.weight.set_data(Tensor(w))
+    cell.set_train(True)
+    forward = ms.jit(cell.construct)
+    ema = None
+    for step in range(3):
+        x = rng.integers(-254, 255, (2, 5, 48)).astype(np.float32) / 2
+        x[0, 0, 0] = 127.0  # the first batch sets the EMA to 127 -> S_x = 1: x * S_x are the halves
+        ema = R.ema_update(ema, R.max_abs(x), spec.ema_decay)
+        y = forward(Tensor(x)).asnumpy()
+        np.testing.assert_array_equal(y, R.linear_forward(x, w, b, ema), err_msg=f"step {step}")
+    assert np.float32(cell.input_ema.asnumpy()) == ema
+    table = rng.integers(-254, 255, (20, 6)).astype(np.float32) / 2
+    table[3, 3] = 127.0
+    from backends.mindspore.quantization import QuantEmbedding
+
+    emb = QuantEmbedding(20, 6, QuantSpec(), padding_idx=0)
+    emb.weight.set_data(Tensor(table))
+    emb.set_train(False)
+    ids = np.array([[1, 2, 3, 19], [4, 0, 7, 1]], np.int32)
+    np.testing.assert_array_equal(ms.jit(emb.construct)(Tensor(ids)).asnumpy(), R.embedding_forward(ids, table))
+
+
 def test_int8_values_scales_and_fake_quant_are_the_references():
     import torch
 
@@ -235,7 +265,7 @@ def test_straight_through_gradients_of_dense_and_embedding():
 def test_adamw_clipping_and_schedule_match_torch():
     import torch
 
-    from backends.mindspore.optim import AdamW, clip_by_global_norm, linear_schedule
+    from backends.mindspore.optim import AdamW, linear_schedule
     from transformers import get_linear_schedule_with_warmup
 
     rng = np.random.default_rng(5)
@@ -246,7 +276,7 @@ def test_adamw_clipping_and_schedule_match_torch():
                             lr=0.01, eps=1e-6, fused=True)
     sched = get_linear_schedule_with_warmup(opt, 1, 4)
     m_params = [ms.Parameter(Tensor(a.copy()), name=f"p{i}") for i, a in enumerate(init)]
-    adam = AdamW(m_params, [True, False], eps=1e-6)
+    adam = AdamW(m_params, [True, False], eps=1e-6, max_grad_norm=1.0)
     for step, gs in enumerate(grads):
         lr = 0.01 * linear_schedule(step, 1, 4)
         assert lr == pytest.approx(sched.get_last_lr()[0], abs=1e-12)
@@ -255,8 +285,7 @@ def test_adamw_clipping_and_schedule_match_torch():
         torch.nn.utils.clip_grad_norm_(t_params, 1.0)
         opt.step()
         sched.step()
-        clipped = clip_by_global_norm(tuple(Tensor(g) for g in gs), 1.0)
-        adam(clipped, *adam.scalars(lr, 0.1))
+        adam(adam.pack(tuple(Tensor(g) for g in gs)), *adam.scalars(lr, 0.1))  # clips, then steps
     for t, m in zip(t_params, m_params):
         np.testing.assert_allclose(m.asnumpy(), t.detach().numpy(), rtol=1e-5, atol=1e-6)
 

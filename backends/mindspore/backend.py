@@ -17,6 +17,7 @@ Exports: ``hf`` (``model.safetensors`` + ``config.json``, loads in transformers)
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -29,12 +30,15 @@ from q8core.errors import Q8Error
 from q8core.spec import QuantSpec
 
 from . import device as devices
-from .bert import BertConfig, BertForSequenceClassification, LossCell
-from .optim import AdamW, clip_by_global_norm, linear_schedule, no_weight_decay
+from .bert import BertConfig, BertForSequenceClassification, DropoutMasks, LossCell
+from .optim import AdamW, linear_schedule, no_weight_decay
 from .quantization import QuantDense, QuantEmbedding, quantized_cells
 from .weights import CONFIG_FILE, load_weights, read_config, read_state_dict, resolve_folder, save_hf, write_config
 
 CHECKPOINT_FILE = "model.ckpt"
+#: What ``--resume`` needs beyond ``model.ckpt``: AdamW moments (float32 tensors) and, in the metadata, the
+#: optimizer and schedule step counts and the dropout generator's state.
+TRAINING_STATE_FILE = "training_state.safetensors"
 MINDIR_FILE = "model.mindir"
 #: ``--mode`` of execution: ``graph`` compiles the train and predict steps with ``mindspore.jit``,
 #: ``pynative`` runs them op by op. Override with the environment variable ``Q8_MS_MODE``.
@@ -44,6 +48,7 @@ EXECUTION_MODE_ENV = "Q8_MS_MODE"
 #: the model's ``max_position_embeddings``. Inputs are int32; pad a batch to this shape to run it.
 EXPORT_SHAPE = (1, 128)
 FEATURES = ("input_ids", "attention_mask", "token_type_ids")
+MASKS = (("hidden_masks", 4), ("probs_masks", 5), ("classifier_mask", 2))  # DropoutMasks.draw, with ranks
 
 
 def execution_mode() -> str:
@@ -70,8 +75,10 @@ class MindSporeBackend(Backend):
     devices = ("cpu", "gpu", "ascend")
     dynamic_shapes = True
     export_formats = ("mindir", "air", "hf")
+    resumable = True
 
-    def __init__(self, model: BertForSequenceClassification, hf_config: dict, spec: QuantSpec, device: str) -> None:
+    def __init__(self, model: BertForSequenceClassification, hf_config: dict, spec: QuantSpec, device: str,
+                 seed: int = 0) -> None:
         self.model = model
         self.hf_config = hf_config
         self.spec = spec
@@ -81,7 +88,8 @@ class MindSporeBackend(Backend):
         self.optimizer = None
         self._step = 0
         self._predict_fn = None
-        self._train_fn = None
+        self._grad_fn = self._update_fn = None
+        self.dropout = DropoutMasks(model.config, seed)
 
     @classmethod
     def framework_version(cls) -> str:
@@ -113,7 +121,7 @@ class MindSporeBackend(Backend):
         model = cls._build(hf_config, spec, device, str(folder / CONFIG_FILE))
         load_weights(model, read_state_dict(folder), seed=seed,
                      initializer_range=float(hf_config.get("initializer_range", 0.02)), where=str(folder))
-        return cls(model, hf_config, spec, device)
+        return cls(model, hf_config, spec, device, seed)
 
     @classmethod
     def from_checkpoint(cls, path, *, spec, device):
@@ -151,6 +159,7 @@ class MindSporeBackend(Backend):
         dims = {name: Tensor(shape=[None, None], dtype=ms.int32) for name in FEATURES}
         if labels_dtype is not None:
             dims["labels"] = Tensor(shape=[None], dtype=labels_dtype)
+            dims.update((name, Tensor(shape=[None] * rank, dtype=ms.float32)) for name, rank in MASKS)
         return ms.enable_dynamic(**dims)(compiled)
 
     def _inputs(self, batch: dict[str, np.ndarray]) -> list[Tensor]:
@@ -161,27 +170,34 @@ class MindSporeBackend(Backend):
                             max_grad_norm):
         named = [(name, p) for name, p in self.model.parameters_and_names() if p.requires_grad]
         params = [p for _, p in named]
-        self.optimizer = AdamW(params, [not no_weight_decay(name) for name, _ in named], eps=adam_epsilon)
+        self.optimizer = AdamW(params, [not no_weight_decay(name) for name, _ in named], eps=adam_epsilon,
+                               max_grad_norm=max_grad_norm)
         self.base_lr, self.weight_decay = float(learning_rate), float(weight_decay)
         self.warmup_steps, self.total_steps = int(warmup_steps), int(total_steps)
         self.max_grad_norm = float(max_grad_norm or 0.0)
         self._step = 0
         loss_cell = LossCell(self.model)
         grad_fn = ms.value_and_grad(loss_cell, None, self.optimizer.params, has_aux=True)
-        optimizer, max_norm = self.optimizer, self.max_grad_norm
+        optimizer = self.optimizer
 
         embeddings = [cell for _, cell in quantized_cells(self.model) if isinstance(cell, QuantEmbedding)]
 
-        def train_fn(input_ids, attention_mask, token_type_ids, labels, decay_factor, step_size, bc2_sqrt):
+        hidden_on, probs_on, classifier_on = self.dropout.active
+
+        def grad_step(input_ids, attention_mask, token_type_ids, labels, hidden_masks, probs_masks,
+                      classifier_mask):
             for cell in embeddings:
                 cell.refresh_scale()
-            (loss, _), grads = grad_fn(input_ids, attention_mask, token_type_ids, labels)
-            if max_norm > 0:
-                grads = clip_by_global_norm(grads, max_norm)
-            optimizer(grads, decay_factor, step_size, bc2_sqrt)
-            return loss
+            (loss, _), grads = grad_fn(input_ids, attention_mask, token_type_ids, labels,
+                                       hidden_masks if hidden_on else None, probs_masks if probs_on else None,
+                                       classifier_mask if classifier_on else None)
+            return loss, optimizer.pack(grads)
 
-        self._train_fn = self._compile(train_fn, ms.float32 if self.regression else ms.int32)
+        def update_step(grads, *scalars):
+            return optimizer(grads, *scalars)
+
+        self._grad_fn = self._compile(grad_step, ms.float32 if self.regression else ms.int32)
+        self._update_fn = ms.jit(update_step) if self.mode == "graph" else update_step
 
     def train_step(self, batch):
         if self.optimizer is None:
@@ -189,8 +205,9 @@ class MindSporeBackend(Backend):
         self.model.set_train(True)
         labels = np.asarray(batch["labels"])
         labels = Tensor(labels.astype(np.float32) if self.regression else labels.astype(np.int32))
-        scalars = self.optimizer.scalars(self.learning_rate(), self.weight_decay)
-        loss = self._train_fn(*self._inputs(batch), labels, *scalars)
+        masks = [Tensor(mask) for mask in self.dropout.draw(*np.shape(batch["input_ids"]))]
+        loss, grads = self._grad_fn(*self._inputs(batch), labels, *masks)
+        self._update_fn(ms.mutable(grads), *self.optimizer.scalars(self.learning_rate(), self.weight_decay))
         self._step += 1
         return float(loss.asnumpy())
 
@@ -214,6 +231,51 @@ class MindSporeBackend(Backend):
     def quant_state(self):
         return {name: float(cell.input_ema.asnumpy()) for name, cell in quantized_cells(self.model)
                 if isinstance(cell, QuantDense) and int(cell.steps.asnumpy()) > self.spec.start_step}
+
+    # -- resume --------------------------------------------------------------------------------
+    def save_training_state(self, directory):
+        """AdamW's moments and step count, the schedule position and the dropout generator's state."""
+        from safetensors.numpy import save_file
+
+        if self.optimizer is None:
+            raise RuntimeError("configure_optimizer() must be called before save_training_state()")
+        tensors = {}
+        for param, m, v in zip(self.optimizer.params, self.optimizer.exp_avg, self.optimizer.exp_avg_sq):
+            tensors[f"exp_avg.{param.name}"] = np.ascontiguousarray(m.asnumpy())
+            tensors[f"exp_avg_sq.{param.name}"] = np.ascontiguousarray(v.asnumpy())
+        state = {"step": self._step, "optimizer_step": self.optimizer.step_count,
+                 "dropout_rng": self.dropout.state}
+        save_file(tensors, str(Path(directory) / TRAINING_STATE_FILE), metadata={"state": json.dumps(state)})
+        return [TRAINING_STATE_FILE]
+
+    def load_training_state(self, directory):
+        from safetensors.numpy import load_file
+
+        if self.optimizer is None:
+            raise RuntimeError("configure_optimizer() must be called before load_training_state()")
+        path = Path(directory) / TRAINING_STATE_FILE
+        if not path.is_file():
+            raise Q8Error(f"{directory}: no {TRAINING_STATE_FILE}; this checkpoint cannot be resumed")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as fh:
+                state = json.loads((fh.metadata() or {})["state"])
+            tensors = load_file(str(path))
+        except Exception as exc:  # truncated, not safetensors, no metadata
+            raise Q8Error(f"{path}: unreadable training state ({type(exc).__name__})") from None
+        moments = []
+        for param, m, v in zip(self.optimizer.params, self.optimizer.exp_avg, self.optimizer.exp_avg_sq):
+            for key, target in ((f"exp_avg.{param.name}", m), (f"exp_avg_sq.{param.name}", v)):
+                value = tensors.get(key)
+                if value is None or tuple(value.shape) != tuple(target.shape):
+                    raise Q8Error(f"{path}: optimizer state does not fit the model ({key})")
+                moments.append((target, value))
+        for target, value in moments:
+            target.set_data(Tensor(value, ms.float32))
+        self._step = int(state["step"])
+        self.optimizer.step_count = int(state["optimizer_step"])
+        self.dropout.state = state["dropout_rng"]
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, directory):

@@ -24,6 +24,8 @@ from q8core.spec import QuantSpec
 from .quantization import make_dense, make_embedding
 
 F32 = ms.float32
+SQRT1_2 = float(np.float32(1.0 / np.sqrt(2.0)))
+INV_SQRT_2PI = float(np.float32(1.0 / np.sqrt(2.0 * np.pi)))
 MASK_VALUE = -1e9  # additive mask of padded keys: exp underflows to exactly 0
 
 
@@ -84,25 +86,97 @@ class LayerNorm(nn.Cell):
         return self.norm(x, self.weight, self.bias)[0]
 
 
-def activation(name: str):
-    if name == "gelu":
-        return lambda x: ops.gelu(x, approximate="none")
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return lambda x: ops.gelu(x, approximate="tanh")
-    return ops.relu
+class Gelu(nn.Cell):
+    """Exact (erf) GELU, ``x * Phi(x)``, with a hand-written backward ``dy * (Phi(x) + x * phi(x))``.
+
+    The forward also returns ``Phi(x)`` so the backward reuses it: MindSpore's CPU ``Erf`` is a slow
+    scalar kernel, and the automatic backward of ``ops.gelu`` differentiates its expansion op by op."""
+
+    def construct(self, x):
+        cdf = 0.5 * (1.0 + ops.erf(x * SQRT1_2))
+        return x * cdf, cdf
+
+    def bprop(self, x, out, dout):
+        pdf = ops.exp(x * x * -0.5) * INV_SQRT_2PI
+        return (dout[0] * (out[1] + x * pdf),)
+
+
+class Activation(nn.Cell):
+    """``hidden_act``: exact GELU (:class:`Gelu`), tanh-approximated GELU, or ReLU."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.gelu = Gelu()
+
+    def construct(self, x):
+        if self.name == "gelu":
+            return self.gelu(x)[0]
+        if self.name in ("gelu_new", "gelu_pytorch_tanh"):
+            return ops.gelu(x, approximate="tanh")
+        return ops.relu(x)
 
 
 class Dropout(nn.Cell):
-    """Dropout active only in training and only for p > 0."""
+    """Dropout active only in training and only for p > 0: ``x * mask`` with a mask the backend drew on the
+    host (:class:`DropoutMasks`), or MindSpore's own random dropout when the caller passes none."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = float(p or 0.0)
 
-    def construct(self, x):
+    def construct(self, x, mask=None):
         if self.training and self.p > 0:
-            return ops.dropout(x, p=self.p, training=True)
+            if mask is None:
+                return ops.dropout(x, p=self.p, training=True)
+            return x * ops.stop_gradient(mask)
         return x
+
+
+class DropoutMasks:
+    """The training step's dropout masks, drawn on the host from a seeded NumPy generator.
+
+    MindSpore's CPU random kernels keep their generator state inside the compiled kernel, where nothing
+    can read or restore it, so a run that uses them can be neither repeated nor resumed exactly. Here
+    every mask comes from one ``numpy.random.Generator`` (PCG64) seeded by the run's seed, whose state is
+    a small JSON-able dict that travels with a checkpoint: same seed, same masks; a resumed run draws
+    exactly the masks the uninterrupted run drew. A mask holds ``0`` (dropped) or ``1 / (1 - p)`` (kept,
+    scaled as ``torch.nn.Dropout`` scales), so the graph applies it with one multiplication.
+
+    ``draw(batch, seq)`` returns three float32 arrays (a ``(1,) * ndim`` placeholder where that dropout
+    probability is 0): hidden-state masks ``(2 * layers + 1, batch, seq, hidden)`` -- index 0 after the
+    embeddings, ``2i + 1`` after layer i's attention output, ``2i + 2`` after its feed-forward output --,
+    attention-probability masks ``(layers, batch, heads, seq, seq)`` and the classifier's ``(batch, hidden)``.
+    """
+
+    def __init__(self, config: BertConfig, seed: int) -> None:
+        cls_p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.p = (float(config.hidden_dropout_prob or 0.0), float(config.attention_probs_dropout_prob or 0.0),
+                  float(cls_p or 0.0))
+        self.layers, self.heads, self.hidden = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    @property
+    def active(self) -> tuple[bool, bool, bool]:
+        return tuple(p > 0 for p in self.p)
+
+    def draw(self, batch: int, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        shapes = ((2 * self.layers + 1, batch, seq, self.hidden), (self.layers, batch, self.heads, seq, seq),
+                  (batch, self.hidden))
+        return tuple(self._mask(shape, p) if p > 0 else np.ones((1,) * len(shape), np.float32)
+                     for shape, p in zip(shapes, self.p))
+
+    def _mask(self, shape, p: float) -> np.ndarray:
+        keep = self.rng.random(shape, dtype=np.float32) >= np.float32(p)
+        return keep * np.float32(1.0 / (1.0 - p))
+
+    @property
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        self.rng.bit_generator.state = value
 
 
 class BertEmbeddings(nn.Cell):
@@ -115,10 +189,10 @@ class BertEmbeddings(nn.Cell):
         self.LayerNorm = LayerNorm(h, config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
-    def construct(self, input_ids, token_type_ids, position_ids):
+    def construct(self, input_ids, token_type_ids, position_ids, mask=None):
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         x = x + self.position_embeddings(position_ids)
-        return self.dropout(self.LayerNorm(x))
+        return self.dropout(self.LayerNorm(x), mask)
 
 
 class BertSelfAttention(nn.Cell):
@@ -132,19 +206,28 @@ class BertSelfAttention(nn.Cell):
         self.key = make_dense(h, h, spec)
         self.value = make_dense(h, h, spec)
         self.dropout = Dropout(config.attention_probs_dropout_prob)
+        # in QAT training the three projections quantize their common input once (QuantDense.lead/follow)
+        self.shared_input = all(getattr(cell, "shares_input", False) for cell in (self.query, self.key, self.value))
         self.qk = ops.BatchMatMul(transpose_b=True)
         self.pv = ops.BatchMatMul()
 
     def _heads(self, x, b, s):
         return x.reshape(b, s, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
-    def construct(self, hidden, additive_mask):
+    def construct(self, hidden, additive_mask, probs_mask=None):
         b, s, h = hidden.shape
-        q = self._heads(self.query(hidden), b, s)
-        k = self._heads(self.key(hidden), b, s)
-        v = self._heads(self.value(hidden), b, s)
+        if self.training and self.shared_input:
+            x2 = hidden.reshape(-1, h)
+            query, x_q, s_x, ema = self.query.lead(x2)
+            q = self._heads(query, b, s)
+            k = self._heads(self.key.follow(x2, x_q, s_x, ema), b, s)
+            v = self._heads(self.value.follow(x2, x_q, s_x, ema), b, s)
+        else:
+            q = self._heads(self.query(hidden), b, s)
+            k = self._heads(self.key(hidden), b, s)
+            v = self._heads(self.value(hidden), b, s)
         scores = self.qk(q, k) * self.scaling + additive_mask
-        probs = self.dropout(ops.softmax(scores, axis=-1))
+        probs = self.dropout(ops.softmax(scores, axis=-1), probs_mask)
         context = self.pv(probs, v).transpose(0, 2, 1, 3)
         return context.reshape(b, s, h)
 
@@ -156,8 +239,8 @@ class BertSelfOutput(nn.Cell):
         self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
-    def construct(self, hidden, residual):
-        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+    def construct(self, hidden, residual, mask=None):
+        return self.LayerNorm(self.dropout(self.dense(hidden), mask) + residual)
 
 
 class BertAttention(nn.Cell):
@@ -166,15 +249,15 @@ class BertAttention(nn.Cell):
         self.self = BertSelfAttention(config, spec)
         self.output = BertSelfOutput(config, spec, config.hidden_size)
 
-    def construct(self, hidden, additive_mask):
-        return self.output(self.self(hidden, additive_mask), hidden)
+    def construct(self, hidden, additive_mask, probs_mask=None, mask=None):
+        return self.output(self.self(hidden, additive_mask, probs_mask), hidden, mask)
 
 
 class BertIntermediate(nn.Cell):
     def __init__(self, config: BertConfig, spec: QuantSpec) -> None:
         super().__init__()
         self.dense = make_dense(config.hidden_size, config.intermediate_size, spec)
-        self.act = activation(config.hidden_act)
+        self.act = Activation(config.hidden_act)
 
     def construct(self, hidden):
         return self.act(self.dense(hidden))
@@ -187,19 +270,23 @@ class BertLayer(nn.Cell):
         self.intermediate = BertIntermediate(config, spec)
         self.output = BertSelfOutput(config, spec, config.intermediate_size)  # BertOutput: same shape of cell
 
-    def construct(self, hidden, additive_mask):
-        attended = self.attention(hidden, additive_mask)
-        return self.output(self.intermediate(attended), attended)
+    def construct(self, hidden, additive_mask, probs_mask=None, attention_mask=None, output_mask=None):
+        attended = self.attention(hidden, additive_mask, probs_mask, attention_mask)
+        return self.output(self.intermediate(attended), attended, output_mask)
 
 
 class BertEncoder(nn.Cell):
     def __init__(self, config: BertConfig, spec: QuantSpec) -> None:
         super().__init__()
         self.layer = nn.CellList([BertLayer(config, spec) for _ in range(config.num_hidden_layers)])
+        self.num_layers = config.num_hidden_layers
 
-    def construct(self, hidden, additive_mask):
-        for layer in self.layer:
-            hidden = layer(hidden, additive_mask)
+    def construct(self, hidden, additive_mask, hidden_masks=None, probs_masks=None):
+        for i in range(self.num_layers):
+            probs_mask = None if probs_masks is None else probs_masks[i]
+            attention_mask = None if hidden_masks is None else hidden_masks[2 * i + 1]
+            output_mask = None if hidden_masks is None else hidden_masks[2 * i + 2]
+            hidden = self.layer[i](hidden, additive_mask, probs_mask, attention_mask, output_mask)
         return hidden
 
 
@@ -219,17 +306,26 @@ class BertModel(nn.Cell):
         self.encoder = BertEncoder(config, spec)
         self.pooler = BertPooler(config, spec)
 
-    def construct(self, input_ids, attention_mask, token_type_ids):
+    def construct(self, input_ids, attention_mask, token_type_ids, hidden_masks=None, probs_masks=None):
         seq = input_ids.shape[1]
         position_ids = ops.arange(seq, dtype=ms.int32).reshape(1, seq)
         additive = (1.0 - attention_mask.astype(F32)) * MASK_VALUE
         additive = additive.reshape(attention_mask.shape[0], 1, 1, seq)
-        hidden = self.embeddings(input_ids, token_type_ids, ops.broadcast_to(position_ids, input_ids.shape))
-        return self.pooler(self.encoder(hidden, additive))
+        if hidden_masks is not None:  # unstack, not index: MindSpore's CPU StridedSlice is ~10x slower
+            hidden_masks = ops.unstack(hidden_masks, 0)
+        if probs_masks is not None:
+            probs_masks = ops.unstack(probs_masks, 0)
+        embedding_mask = None if hidden_masks is None else hidden_masks[0]
+        hidden = self.embeddings(input_ids, token_type_ids, ops.broadcast_to(position_ids, input_ids.shape),
+                                 embedding_mask)
+        return self.pooler(self.encoder(hidden, additive, hidden_masks, probs_masks))
 
 
 class BertForSequenceClassification(nn.Cell):
-    """``construct(input_ids, attention_mask, token_type_ids)`` -> float32 logits (batch, num_labels)."""
+    """``construct(input_ids, attention_mask, token_type_ids)`` -> float32 logits (batch, num_labels).
+
+    In training the three optional mask arguments are :meth:`DropoutMasks.draw`'s arrays (``None`` for a
+    dropout that is off); without them an active dropout draws its own (non-reproducible) masks."""
 
     def __init__(self, config: BertConfig, spec: QuantSpec) -> None:
         super().__init__()
@@ -241,8 +337,10 @@ class BertForSequenceClassification(nn.Cell):
         self.dropout = Dropout(dropout)
         self.classifier = make_dense(config.hidden_size, config.num_labels, spec)
 
-    def construct(self, input_ids, attention_mask, token_type_ids):
-        return self.classifier(self.dropout(self.bert(input_ids, attention_mask, token_type_ids)))
+    def construct(self, input_ids, attention_mask, token_type_ids, hidden_masks=None, probs_masks=None,
+                  classifier_mask=None):
+        pooled = self.bert(input_ids, attention_mask, token_type_ids, hidden_masks, probs_masks)
+        return self.classifier(self.dropout(pooled, classifier_mask))
 
     def loss(self, logits, labels):
         """MSE for regression (one output), mean cross-entropy otherwise (as transformers)."""
@@ -259,8 +357,9 @@ class LossCell(nn.Cell):
         super().__init__(auto_prefix=False)
         self.model = model
 
-    def construct(self, input_ids, attention_mask, token_type_ids, labels):
-        logits = self.model(input_ids, attention_mask, token_type_ids)
+    def construct(self, input_ids, attention_mask, token_type_ids, labels, hidden_masks=None, probs_masks=None,
+                  classifier_mask=None):
+        logits = self.model(input_ids, attention_mask, token_type_ids, hidden_masks, probs_masks, classifier_mask)
         return self.model.loss(logits, labels), logits
 
 
@@ -269,4 +368,4 @@ def hf_parameter_names(model: nn.Cell) -> list[str]:
     return [name for name, param in model.parameters_and_names() if param.requires_grad]
 
 
-__all__ = ["BertConfig", "BertForSequenceClassification", "LossCell", "LayerNorm", "hf_parameter_names"]
+__all__ = ["BertConfig", "BertForSequenceClassification", "DropoutMasks", "LossCell", "LayerNorm", "hf_parameter_names"]
