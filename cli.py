@@ -311,8 +311,13 @@ def _open_checkpoint(checkpoint: Path, registry):
 
 
 @cli.command("eval", cls=WithBackendOptions)
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+@click.option("--checkpoint", type=click.Path(path_type=Path),
               help="A checkpoint folder, or a run folder (its best checkpoint).")
+@click.option("--model", help="Instead of --checkpoint: a fine-tuned model that is no q8 checkpoint (a Hugging Face "
+                              "folder or hub id with a classifier, or a fine-tuned ModelZoo .ckpt); needs --task.")
+@click.option("--task", help="With --model: the GLUE task it was fine-tuned on.")
+@click.option("--backend", help="With --model: the backend that runs it  [default: torch].")
+@click.option("--max-seq-length", type=click.IntRange(min=1), help="With --model  [default: 128].")
 @click.option("--data-dir", type=click.Path(path_type=Path),
               help="The task's GLUE folder or `datasets` copy [default: nyu-mll/glue from the hub]; with "
                    "--dataset-type tfrecord|mindrecord, the folder of the ModelZoo's record files.")
@@ -325,11 +330,23 @@ def _open_checkpoint(checkpoint: Path, registry):
                    "paper's post-training dynamic quantization baseline; fp32 runs the master weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
 @click.pass_context
-def eval_(ctx, checkpoint, data_dir, dataset_type, device, eval_batch_size, mode, as_json, **given):
-    """Evaluate a checkpoint on its task's dev set (backend and task come from the checkpoint)."""
+def eval_(ctx, checkpoint, model, task, backend, max_seq_length, data_dir, dataset_type, device, eval_batch_size,
+          mode, as_json, **given):
+    """Evaluate a checkpoint on its task's dev set (backend and task come from the checkpoint), or a
+    fine-tuned model that is no q8 checkpoint (--model, --task)."""
     from q8core import options
 
     registry = _registry()
+    if model is not None and checkpoint is not None:
+        raise Q8Error("pass --checkpoint or --model, not both")
+    if model is not None:
+        return _eval_model(ctx, registry, model, task, backend or "torch", max_seq_length or 128, data_dir,
+                           dataset_type, device, eval_batch_size, mode, as_json, given)
+    if checkpoint is None:
+        raise Q8Error("q8 eval needs --checkpoint (a q8 checkpoint or run folder) or --model with --task")
+    for name, value in (("--task", task), ("--backend", backend), ("--max-seq-length", max_seq_length)):
+        if value is not None:
+            raise Q8Error(f"{name} goes with --model; a checkpoint knows its own")
     path, manifest, backend_cls = _open_checkpoint(checkpoint, registry)
     declared = options.for_backend(registry.options, backend_cls.name, "eval")
     stored = {k: v for k, v in (manifest.get("backend_options") or {}).items() if k in {o.name for o in declared}}
@@ -354,11 +371,48 @@ def eval_(ctx, checkpoint, data_dir, dataset_type, device, eval_batch_size, mode
     backend.set_options(backend_options)
     eval_sets = load_data() if records is None else records
     metrics = evaluate(backend, task, eval_sets, eval_batch_size, backend_cls.dynamic_shapes)
+    _print_eval(task, path, spec.mode, backend_cls.name, metrics, as_json,
+                _modelzoo_line(metrics, task.main_metric, path))
+
+
+def _print_eval(task, source, mode: str, backend: str, metrics: dict, as_json: bool, modelzoo_line: str) -> None:
     if as_json:
-        click.echo(json.dumps({"task": task.name, "checkpoint": str(path), "mode": spec.mode, **metrics}))
+        click.echo(json.dumps({"task": task.name, "checkpoint": str(source), "mode": mode, **metrics}))
     else:
-        click.echo(f"{task.name} dev, {path} ({spec.mode}, {backend_cls.name}): {format_metrics(metrics)}")
-        click.echo(_modelzoo_line(metrics, task.main_metric, path))
+        click.echo(f"{task.name} dev, {source} ({mode}, {backend}): {format_metrics(metrics)}")
+        click.echo(modelzoo_line)
+
+
+def _eval_model(ctx, registry, model, task_name, backend_name, max_seq_length, data_dir, dataset_type, device,
+                eval_batch_size, mode, as_json, given) -> None:
+    """``q8 eval --model``: the ModelZoo's run_eval.sh -- a fine-tuned model that is no q8 checkpoint."""
+    from q8core import modelzoo, options
+
+    if not task_name:
+        raise Q8Error(f"--model {model}: say which task it was fine-tuned on with --task")
+    task = registry.task(task_name)
+    backend_cls = registry.backend(backend_name)
+    backend_cls.check_device(device)
+    if mode == "qat":
+        raise Q8Error(f"--model {model}: --mode qat needs a q8 checkpoint (its EMA activation ranges); a model "
+                      f"is evaluated as fp32 (the default) or dq")
+    declared = options.for_backend(registry.options, backend_cls.name, "eval")
+    backend_options = options.check_stored(_take_backend_options(ctx, given, backend_cls.name), declared,
+                                           backend_cls.name, where="the command line")
+    backend_cls.check_options(backend_options)
+    source = modelzoo.prepare_model(model)  # a ModelZoo classifier is kept whatever its size ...
+    modelzoo.require_classifier(source, task.num_labels, where=f"--model {model}")  # ... and checked here
+    load_data = lambda: load_eval_sets(task, data_dir, load_tokenizer(source), max_seq_length,  # noqa: E731
+                                       dataset_type)
+    records = None if dataset_type == "tsv" else load_data()
+    spec = QuantSpec(mode=mode or "fp32")
+    backend = backend_cls.from_pretrained(source, labels=task.labels, spec=spec, device=device, seed=0)
+    backend.set_options(backend_options)
+    eval_sets = load_data() if records is None else records
+    metrics = evaluate(backend, task, eval_sets, eval_batch_size, backend_cls.dynamic_shapes)
+    best = metrics[task.main_metric]
+    _print_eval(task, model, spec.mode, backend_cls.name, metrics, as_json,
+                f"The current result is {metrics}, the best result is  {best}")
 
 
 def _modelzoo_line(metrics: dict[str, float], main_metric: str, checkpoint: Path) -> str:

@@ -888,3 +888,25 @@ def prepare_model(source: str, num_labels: int | None = None, *, cache_dir: str 
     warn(f"{source}: its classifier (dense_1) has {outputs} output(s), the task needs {num_labels}; "
          f"it is left out and a new one is initialised")
     return str(_headless(folder))
+
+
+def require_classifier(source: str, num_labels: int, *, where: str) -> None:
+    """Refuse a local model folder whose weights hold no classifier with ``num_labels`` outputs: evaluating
+    it would score a randomly initialised head. (Hub ids, and folders with only ``pytorch_model.bin``,
+    which cannot be read without torch, are left to the backend.)"""
+    weights = Path(source) / "model.safetensors"
+    if not weights.is_file():
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="numpy") as fh:
+            shapes = {key: fh.get_slice(key).get_shape() for key in fh.keys() if key.endswith("classifier.weight")}
+    except Exception as exc:  # not safetensors, truncated
+        raise Q8Error(f"{where}: {weights} is unreadable ({type(exc).__name__})") from None
+    if not shapes:
+        raise Q8Error(f"{where} has no classifier: it is a pre-trained model, not one fine-tuned on a task "
+                      f"(fine-tune it with q8 run)")
+    rows = next(iter(shapes.values()))[0]
+    if rows != num_labels:
+        raise Q8Error(f"{where}: its classifier has {rows} output(s), the task needs {num_labels}")

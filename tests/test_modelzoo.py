@@ -523,3 +523,71 @@ def test_bad_modelzoo_folder_is_one_line(case, damage, needles, ref_bert, sst2_d
 def test_missing_ckpt_file_is_one_line(sst2_dir, tmp_path, capsys):
     code, _, err = _run(tmp_path / "nowhere.ckpt", sst2_dir, tmp_path / "out", capsys)
     assert code == 2 and err.strip() == f"q8: error: --model {tmp_path / 'nowhere.ckpt'}: no such file"
+
+
+# -- q8 eval --model: the ModelZoo's run_eval.sh ------------------------------------------------
+
+def _transformers_accuracy(folder: Path, dev_tsv: Path) -> float:
+    """The dev accuracy of ``folder`` computed with transformers alone (no q8 code)."""
+    import torch
+    from sklearn.metrics import accuracy_score
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rows = [line.split("\t") for line in dev_tsv.read_text().splitlines()[1:]]
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    enc = tokenizer([r[0] for r in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**enc).logits.argmax(-1).numpy()
+    return accuracy_score([int(r[1]) for r in rows], predicted)
+
+
+@pytest.mark.parametrize("kind, backend", [("hf-folder", "torch"), ("modelzoo-ckpt", "torch"),
+                                           ("modelzoo-ckpt", "mindspore")])
+def test_eval_model_scores_a_finetuned_model_as_transformers_does(kind, backend, ref_cls, sst2_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    if backend == "mindspore":
+        pytest.importorskip("mindspore", reason="MindSpore not installed")
+        monkeypatch.setenv("Q8_PLUGINS", "torch,mindspore,glue")
+    model = ref_cls if kind == "hf-folder" else zoo_folder(tmp_path, ref_cls) / "bert.ckpt"
+    code, out, err = run_q8(["eval", "--model", str(model), "--task", "sst-2", "--data-dir", str(sst2_dir), "--json",
+                             "--backend", backend], capsys)
+    assert code == 0, err
+    result = json.loads(out.splitlines()[0])
+    assert result["mode"] == "fp32" and result["checkpoint"] == str(model)
+    assert result["accuracy"] == pytest.approx(_transformers_accuracy(ref_cls, sst2_dir / "dev.tsv"), abs=1e-12)
+    code, out, err = run_q8(["eval", "--model", str(model), "--task", "sst-2", "--data-dir", str(sst2_dir)], capsys)
+    assert code == 0, err
+    acc = result["accuracy"]
+    assert out.splitlines()[-1] == f"The current result is {{'accuracy': {acc}}}, the best result is  {acc}"
+
+
+def test_eval_model_dq_runs_the_dynamic_baseline(ref_cls, sst2_dir, capsys):
+    code, out, err = run_q8(["eval", "--model", str(ref_cls), "--task", "sst-2", "--data-dir", str(sst2_dir),
+                             "--mode", "dq"], capsys)
+    assert code == 0, err
+    assert f"sst-2 dev, {ref_cls} (dq, torch): accuracy=" in out
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("pretrained", "has no classifier: it is a pre-trained model"),
+    ("no task", "say which task it was fine-tuned on with --task"),
+    ("qat", "--mode qat needs a q8 checkpoint"),
+    ("regression", "its classifier has 2 output(s), the task needs 1"),
+    ("both", "pass --checkpoint or --model, not both"),
+    ("neither", "q8 eval needs --checkpoint"),
+    ("task with checkpoint", "--task goes with --model"),
+])
+def test_eval_model_bad_input_is_one_line(case, needle, ref_bert, ref_cls, sst2_dir, stsb_dir, tmp_path, capsys):
+    base = ["eval", "--data-dir", str(sst2_dir)]
+    args = {"pretrained": ["--model", str(ref_bert), "--task", "sst-2"],
+            "no task": ["--model", str(ref_cls)],
+            "qat": ["--model", str(ref_cls), "--task", "sst-2", "--mode", "qat"],
+            "regression": ["--model", str(ref_cls), "--task", "sts-b"],
+            "both": ["--model", str(ref_cls), "--checkpoint", str(tmp_path)],
+            "neither": [],
+            "task with checkpoint": ["--checkpoint", str(tmp_path), "--task", "sst-2"]}[case]
+    if case == "regression":
+        base = ["eval", "--data-dir", str(stsb_dir)]
+    code, out, err = run_q8(base + args, capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err

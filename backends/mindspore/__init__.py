@@ -20,3 +20,15 @@ def register_backends(register):
     from .backend import MindSporeBackend
 
     register(MindSporeBackend)
+
+
+@hookimpl
+def add_backend_options(parser):
+    # the ModelZoo's --enable_data_sink / --data_sink_steps (see backends/mindspore/sink.py)
+    group = parser.group("mindspore")
+    group.add("enable_data_sink", type=bool, default=False, commands=("run",),
+              help="The ModelZoo's --enable_data_sink, accepted so its command lines move over: this backend "
+                   "trains step by step on every device (MindSpore sinks data only on GPU/Ascend, and q8 does "
+                   "not sink there yet); a note says so, and the results are those without it.")
+    group.add("data_sink_steps", type=int, default=1, commands=("run",),
+              help="The ModelZoo's --data_sink_steps (at least 1); see --enable-data-sink.")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from q8core.errors import Q8Error
 from q8core.spec import QuantSpec
 
 from . import device as devices
+from . import sink
 from .bert import BertConfig, BertForSequenceClassification, DropoutMasks, LossCell
 from .optim import AdamW, linear_schedule, no_weight_decay
 from .quantization import QuantDense, QuantEmbedding, quantized_cells
@@ -90,6 +92,16 @@ class MindSporeBackend(Backend):
         self._predict_fn = None
         self._grad_fn = self._update_fn = None
         self.dropout = DropoutMasks(model.config, seed)
+
+    @classmethod
+    def check_options(cls, options):
+        sink.check(options)
+
+    def set_options(self, options):
+        super().set_options(options)
+        message = sink.note(options, devices.parse(self.device)[0])
+        if message:
+            print(f"q8: note: {message}", file=sys.stderr)
 
     @classmethod
     def framework_version(cls) -> str:
