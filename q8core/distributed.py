@@ -41,11 +41,14 @@ class DistributedEnv:
     local_rank: int | None = 0
     #: Who started the process: ``"torchrun"``, ``"msrun"``, or ``None`` for a plain single process.
     launcher: str | None = None
+    #: msrun's scheduler: msrun starts the same command once more with ``MS_ROLE=MS_SCHED``; that process
+    #: trains nothing, it serves the workers' rendezvous (the backend's ``init_distributed``) and exits.
+    scheduler: bool = False
 
     @property
     def enabled(self) -> bool:
-        """More than one process: the trainer shards batches and only rank 0 writes."""
-        return self.world_size > 1
+        """More than one process (or msrun's scheduler): the trainer shards batches and only rank 0 writes."""
+        return self.world_size > 1 or self.scheduler
 
     @property
     def is_main(self) -> bool:
@@ -75,7 +78,11 @@ def environment(environ: Mapping[str, str] | None = None) -> DistributedEnv:
       forms when it spans machines without ``--node_rank``: then the rank stays ``None`` for the
       backend to fill in). The older rank-table launch sets ``RANK_SIZE``, ``RANK_ID``, ``DEVICE_ID``.
       The local rank is ``DEVICE_ID`` when set, else ``None``: the MindSpore backend asks
-      ``mindspore.communication.get_local_rank()`` once it has joined the group.
+      ``mindspore.communication.get_local_rank()`` once it has joined the group. (msrun 2.10 gives a
+      worker ``MS_ROLE=MS_WORKER``, ``MS_WORKER_NUM``, ``RANK_SIZE``, ``RANK_ID``, ``MS_NODE_ID``,
+      ``DEVICE_ID`` = its local rank, ``MS_SCHED_HOST`` and ``MS_SCHED_PORT``.)
+    - ``MS_ROLE=MS_SCHED``: msrun's scheduler, which runs the same command (with ``RANK_SIZE`` and
+      ``RANK_ID=0`` set too): an environment with ``scheduler=True`` and no rank, never rank 0.
 
     Without any of them (or with a world size of 1) it is :data:`SINGLE`.
     """
@@ -84,6 +91,9 @@ def environment(environ: Mapping[str, str] | None = None) -> DistributedEnv:
     if world is not None:
         rank, local = _int(environ, "RANK"), _int(environ, "LOCAL_RANK")
         env = DistributedEnv(world, 0 if rank is None else rank, 0 if local is None else local, "torchrun")
+    elif environ.get("MS_ROLE") == "MS_SCHED":
+        world = _int(environ, "MS_WORKER_NUM") or _int(environ, "RANK_SIZE") or 1
+        return DistributedEnv(world, None, None, "msrun", scheduler=True)
     elif environ.get("MS_ROLE") == "MS_WORKER" or "RANK_SIZE" in environ:
         world = _int(environ, "MS_WORKER_NUM") or _int(environ, "RANK_SIZE")
         if world is None:

@@ -45,7 +45,9 @@ def test_environment_reads_torchrun_and_msrun_variables():
     assert environment({**ms, "RANK_ID": "5"}) == DistributedEnv(8, 5, None, "msrun")
     assert environment(ms) == DistributedEnv(8, None, None, "msrun")  # the rank comes from the group
     assert environment({"RANK_SIZE": "2", "RANK_ID": "1", "DEVICE_ID": "1"}) == DistributedEnv(2, 1, 1, "msrun")
-    assert environment({"MS_ROLE": "MS_SCHED", "MS_WORKER_NUM": "8"}) == distributed.SINGLE
+    # msrun's scheduler runs the same command: it must serve the rendezvous, never train as a single process
+    sched = environment({"MS_ROLE": "MS_SCHED", "MS_WORKER_NUM": "8"})
+    assert sched == DistributedEnv(8, None, None, "msrun", scheduler=True) and sched.enabled and not sched.is_main
     for bad, message in (({"WORLD_SIZE": "2", "RANK": "2"}, "rank 2 is outside 0..1"),
                          ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
                          ({"MS_ROLE": "MS_WORKER"}, "MS_WORKER_NUM")):

@@ -27,10 +27,12 @@ import mindspore as ms
 from mindspore import Tensor
 
 from q8core.backend import Backend
+from q8core.distributed import SINGLE
 from q8core.errors import Q8Error
 from q8core.spec import QuantSpec
 
 from . import device as devices
+from . import parallel
 from . import sink
 from .bert import BertConfig, BertForSequenceClassification, DropoutMasks, LossCell
 from .optim import AdamW, linear_schedule, no_weight_decay
@@ -78,6 +80,7 @@ class MindSporeBackend(Backend):
     dynamic_shapes = True
     export_formats = ("mindir", "air", "hf")
     resumable = True
+    distributed = True  # under msrun (see .parallel)
 
     def __init__(self, model: BertForSequenceClassification, hf_config: dict, spec: QuantSpec, device: str,
                  seed: int = 0) -> None:
@@ -91,6 +94,7 @@ class MindSporeBackend(Backend):
         self._step = 0
         self._predict_fn = None
         self._grad_fn = self._update_fn = None
+        self._grad_step = self._shard_fn = None  # the gradient step, uncompiled; its data-parallel form
         self.dropout = DropoutMasks(model.config, seed)
 
     @classmethod
@@ -208,17 +212,23 @@ class MindSporeBackend(Backend):
         def update_step(grads, *scalars):
             return optimizer(grads, *scalars)
 
+        self._grad_step = grad_step
         self._grad_fn = self._compile(grad_step, ms.float32 if self.regression else ms.int32)
         self._update_fn = ms.jit(update_step) if self.mode == "graph" else update_step
 
     def train_step(self, batch):
         if self.optimizer is None:
             raise RuntimeError("configure_optimizer() must be called before train_step()")
+        return self._train(self._grad_fn, batch)
+
+    def _train(self, grad_fn, batch, *extra):
+        """One optimizer step: ``grad_fn`` (features, labels, dropout masks, ``*extra``) -> (loss, packed
+        gradients), then the update."""
         self.model.set_train(True)
         labels = np.asarray(batch["labels"])
         labels = Tensor(labels.astype(np.float32) if self.regression else labels.astype(np.int32))
         masks = [Tensor(mask) for mask in self.dropout.draw(*np.shape(batch["input_ids"]))]
-        loss, grads = self._grad_fn(*self._inputs(batch), labels, *masks)
+        loss, grads = grad_fn(*self._inputs(batch), labels, *masks, *extra)
         self._update_fn(ms.mutable(grads), *self.optimizer.scalars(self.learning_rate(), self.weight_decay))
         self._step += 1
         return float(loss.asnumpy())
@@ -227,6 +237,51 @@ class MindSporeBackend(Backend):
         if self.optimizer is None:
             return 0.0
         return self.base_lr * linear_schedule(self._step, self.warmup_steps, self.total_steps)
+
+    # -- data parallelism (msrun; the collectives are in .parallel) -----------------------------
+    @classmethod
+    def rank_device(cls, device, env):
+        return parallel.rank_device(device, env)
+
+    @classmethod
+    def init_distributed(cls, env, device):
+        return parallel.join(env, device)
+
+    @classmethod
+    def shutdown_distributed(cls):
+        parallel.leave()
+
+    @classmethod
+    def barrier(cls):
+        parallel.barrier()
+
+    @classmethod
+    def broadcast_object(cls, obj, src=0):
+        return parallel.broadcast_object(obj, src)
+
+    def enable_data_parallel(self, env):
+        """Rank 0's weights, moments and dropout state everywhere; the quantized Dense cells take the
+        all-rank batch max|x|; each rank its own dropout masks; the data-parallel gradient step (compiled
+        on its first call) sums the share-weighted gradients over ranks."""
+        if self.optimizer is None:
+            raise RuntimeError("configure_optimizer() must be called before enable_data_parallel()")
+        self.dist = env
+        parallel.replicate(self)
+        parallel.sync_ranges(self.model)
+        self.dropout.rank = env.rank
+        self._shard_fn = self._compile(parallel.shard_step(self._grad_step),
+                                       ms.float32 if self.regression else ms.int32)
+
+    def disable_data_parallel(self):
+        parallel.sync_ranges(self.model, False)
+        self.dropout.rank = None
+        self._shard_fn = None
+        self.dist = SINGLE
+
+    def train_step_shard(self, batch, *, weight):
+        if self._shard_fn is None:
+            raise RuntimeError("enable_data_parallel() must be called before train_step_shard()")
+        return self._train(self._shard_fn, batch, Tensor(np.float32(weight)))
 
     # -- inference ---------------------------------------------------------------------------
     def predict(self, batch):

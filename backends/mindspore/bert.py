@@ -147,7 +147,14 @@ class DropoutMasks:
     probability is 0): hidden-state masks ``(2 * layers + 1, batch, seq, hidden)`` -- index 0 after the
     embeddings, ``2i + 1`` after layer i's attention output, ``2i + 2`` after its feed-forward output --,
     attention-probability masks ``(layers, batch, heads, seq, seq)`` and the classifier's ``(batch, hidden)``.
+
+    Data-parallel (``rank`` set, see :mod:`.parallel`): the generator is shared -- every rank holds rank 0's
+    state -- and each draw takes one key from it and the masks from a generator seeded by (key, rank), so
+    every rank drops other units while the saved state still resumes every rank exactly.
     """
+
+    #: This process's rank in a data-parallel run; ``None`` in a one-process run.
+    rank: int | None = None
 
     def __init__(self, config: BertConfig, seed: int) -> None:
         cls_p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
@@ -163,11 +170,16 @@ class DropoutMasks:
     def draw(self, batch: int, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         shapes = ((2 * self.layers + 1, batch, seq, self.hidden), (self.layers, batch, self.heads, seq, seq),
                   (batch, self.hidden))
-        return tuple(self._mask(shape, p) if p > 0 else np.ones((1,) * len(shape), np.float32)
+        rng = self.rng
+        if self.rank is not None and any(self.active):
+            key = int(self.rng.integers(0, 2 ** 63))
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence((key, self.rank))))
+        return tuple(self._mask(rng, shape, p) if p > 0 else np.ones((1,) * len(shape), np.float32)
                      for shape, p in zip(shapes, self.p))
 
-    def _mask(self, shape, p: float) -> np.ndarray:
-        keep = self.rng.random(shape, dtype=np.float32) >= np.float32(p)
+    @staticmethod
+    def _mask(rng: np.random.Generator, shape, p: float) -> np.ndarray:
+        keep = rng.random(shape, dtype=np.float32) >= np.float32(p)
         return keep * np.float32(1.0 / (1.0 - p))
 
     @property
