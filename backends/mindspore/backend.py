@@ -36,7 +36,7 @@ from . import parallel
 from . import sink
 from .bert import BertConfig, BertForSequenceClassification, DropoutMasks, LossCell
 from .optim import AdamW, linear_schedule, no_weight_decay
-from .quantization import QuantDense, QuantEmbedding, quantized_cells
+from .quantization import QuantDense, QuantEmbedding, quantized_cells, set_phase
 from .weights import CONFIG_FILE, load_weights, read_config, read_state_dict, resolve_folder, save_hf, write_config
 
 CHECKPOINT_FILE = "model.ckpt"
@@ -93,8 +93,10 @@ class MindSporeBackend(Backend):
         self.optimizer = None
         self._step = 0
         self._predict_fn = None
-        self._grad_fn = self._update_fn = None
-        self._grad_step = self._shard_fn = None  # the gradient step, uncompiled; its data-parallel form
+        self._update_fn = None
+        self._make_grad_step = None  # a new (uncompiled) gradient step function per call
+        self._step_fns = {}  # ("grad" | "shard", quantization phase) -> the compiled gradient step
+        self._data_parallel = False
         self.dropout = DropoutMasks(model.config, seed)
 
     @classmethod
@@ -200,26 +202,53 @@ class MindSporeBackend(Backend):
 
         hidden_on, probs_on, classifier_on = self.dropout.active
 
-        def grad_step(input_ids, attention_mask, token_type_ids, labels, hidden_masks, probs_masks,
-                      classifier_mask):
-            for cell in embeddings:
-                cell.refresh_scale()
-            (loss, _), grads = grad_fn(input_ids, attention_mask, token_type_ids, labels,
-                                       hidden_masks if hidden_on else None, probs_masks if probs_on else None,
-                                       classifier_mask if classifier_on else None)
-            return loss, optimizer.pack(grads)
+        def make_grad_step():
+            # a fresh function object for each compilation: MindSpore keys compiled graphs by the function
+            def grad_step(input_ids, attention_mask, token_type_ids, labels, hidden_masks, probs_masks,
+                          classifier_mask):
+                for cell in embeddings:
+                    cell.refresh_scale()
+                (loss, _), grads = grad_fn(input_ids, attention_mask, token_type_ids, labels,
+                                           hidden_masks if hidden_on else None, probs_masks if probs_on else None,
+                                           classifier_mask if classifier_on else None)
+                return loss, optimizer.pack(grads)
+
+            return grad_step
 
         def update_step(grads, *scalars):
             return optimizer(grads, *scalars)
 
-        self._grad_step = grad_step
-        self._grad_fn = self._compile(grad_step, ms.float32 if self.regression else ms.int32)
+        self._make_grad_step = make_grad_step
+        self._step_fns = {}
         self._update_fn = ms.jit(update_step) if self.mode == "graph" else update_step
+
+    def _phase(self) -> str | None:
+        """Which side of the spec's quantization delay (``--quant-delay``) the next training step is on:
+        ``"delay"`` (float32 layers, step counting only) or ``"active"`` (quantized); ``None`` without a delay.
+
+        Each side gets its own compiled gradient step (:func:`.quantization.set_phase`): one graph that
+        selected between the two per step would compute both, doubling a QAT step for the whole run."""
+        if self.spec.mode != "qat" or not self.spec.start_step:
+            return None
+        return "delay" if self._step < self.spec.start_step else "active"
+
+    def _gradient_step(self, kind: str):
+        """The compiled gradient step (``"grad"``, or ``"shard"`` under msrun) for the next step's phase;
+        compiled on first use, with the quantized cells set to that phase."""
+        phase = self._phase()
+        set_phase(self.model, phase)
+        fn = self._step_fns.get((kind, phase))
+        if fn is None:
+            step = self._make_grad_step()
+            if kind == "shard":
+                step = parallel.shard_step(step)
+            fn = self._step_fns[kind, phase] = self._compile(step, ms.float32 if self.regression else ms.int32)
+        return fn
 
     def train_step(self, batch):
         if self.optimizer is None:
             raise RuntimeError("configure_optimizer() must be called before train_step()")
-        return self._train(self._grad_fn, batch)
+        return self._train(self._gradient_step("grad"), batch)
 
     def _train(self, grad_fn, batch, *extra):
         """One optimizer step: ``grad_fn`` (features, labels, dropout masks, ``*extra``) -> (loss, packed
@@ -269,19 +298,18 @@ class MindSporeBackend(Backend):
         parallel.replicate(self)
         parallel.sync_ranges(self.model)
         self.dropout.rank = env.rank
-        self._shard_fn = self._compile(parallel.shard_step(self._grad_step),
-                                       ms.float32 if self.regression else ms.int32)
+        self._data_parallel = True
 
     def disable_data_parallel(self):
         parallel.sync_ranges(self.model, False)
         self.dropout.rank = None
-        self._shard_fn = None
+        self._data_parallel = False
         self.dist = SINGLE
 
     def train_step_shard(self, batch, *, weight):
-        if self._shard_fn is None:
+        if not self._data_parallel:
             raise RuntimeError("enable_data_parallel() must be called before train_step_shard()")
-        return self._train(self._shard_fn, batch, Tensor(np.float32(weight)))
+        return self._train(self._gradient_step("shard"), batch, Tensor(np.float32(weight)))
 
     # -- inference ---------------------------------------------------------------------------
     def predict(self, batch):

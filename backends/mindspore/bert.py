@@ -228,7 +228,7 @@ class BertSelfAttention(nn.Cell):
 
     def construct(self, hidden, additive_mask, probs_mask=None):
         b, s, h = hidden.shape
-        if self.training and self.shared_input:
+        if self.training and self.shared_input and self.query.quant_phase != "delay":
             x2 = hidden.reshape(-1, h)
             query, x_q, s_x, ema = self.query.lead(x2)
             q = self._heads(query, b, s)

@@ -112,6 +112,8 @@ def ema_update(ema: Tensor, value: Tensor, decay: tuple[Tensor, Tensor]) -> Tens
 class Dense(nn.Cell):
     """``y = x · Wᵀ + b`` with ``weight`` (out, in) and ``bias`` (out,) as in ``torch.nn.Linear``."""
 
+    quant_phase = None  # a float32 layer has no quantization delay (QuantDense: see set_phase)
+
     def __init__(self, in_features: int, out_features: int, has_bias: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -198,6 +200,7 @@ class QuantDense(Dense):
         self.steps = Parameter(Tensor(0, ms.int32), name="steps", requires_grad=False)
         #: Data-parallel training (:func:`.parallel.sync_ranges`): the EMA takes the batch max|x| over all ranks.
         self.sync_ranges = False
+        self.quant_phase = None  # see set_phase
 
     @property
     def shares_input(self) -> bool:
@@ -209,6 +212,9 @@ class QuantDense(Dense):
         x2 = x.reshape(-1, shape[-1])
         out_shape = shape[:-1] + (self.out_features,)
         if self.dq and self.training:  # dq trains in float32 and counts nothing
+            return self.dense(x2, self.weight).reshape(out_shape)
+        if self.training and self.quant_phase == "delay":  # compiled for the delay: float32, the step counted
+            ops.assign(self.steps, self.steps + 1)
             return self.dense(x2, self.weight).reshape(out_shape)
         batch_max = max_abs(x2)
         if self.training:
@@ -252,7 +258,7 @@ class QuantDense(Dense):
 
     def _delayed(self, x2: Tensor, y: Tensor) -> Tensor:
         """Training during the spec's start-step delay: the float32 layer instead."""
-        if self.training and self.start_step:
+        if self.training and self.start_step and self.quant_phase is None:
             return ops.select(self.steps > self.start_step, y, self.dense(x2, self.weight))
         return y
 
@@ -322,6 +328,7 @@ class QuantEmbedding(Embedding):
         # S_W of the table, refreshed before every training forward by :meth:`refresh_scale`
         # (outside the differentiated graph: computing it inside breaks MindSpore's dynamic-shape compiler)
         self.weight_scale = Parameter(Tensor(np.float32(1.0), F32), name="weight_scale", requires_grad=False)
+        self.quant_phase = None  # see set_phase
 
     def refresh_scale(self):
         return ops.assign(self.weight_scale, get_scale(max_abs(self.weight), self.qmax))
@@ -330,12 +337,15 @@ class QuantEmbedding(Embedding):
         rows = self.lookup(ids)
         if self.dq and self.training:
             return rows
+        if self.training and self.quant_phase == "delay":
+            ops.assign(self.steps, self.steps + 1)
+            return rows
         scale = self.weight_scale if self.training else get_scale(max_abs(self.weight), self.qmax)
         quantized = self.fake_quant(rows, scale)
         if self.training:
             steps = self.steps + 1
             ops.assign(self.steps, steps)
-            if self.start_step:
+            if self.start_step and self.quant_phase is None:
                 quantized = ops.select(steps > self.start_step, quantized, rows)
         return quantized
 
@@ -351,6 +361,19 @@ def make_embedding(num: int, dim: int, spec: QuantSpec, padding_idx: int | None 
     if spec.quantized and spec.quantize_embeddings:
         return QuantEmbedding(num, dim, spec, padding_idx)
     return Embedding(num, dim, padding_idx)
+
+
+def set_phase(model: nn.Cell, phase: str | None) -> None:
+    """Compile the quantized cells' training forward for one side of the spec's ``start_step`` delay.
+
+    ``None`` (the default): the graph chooses per step, from the cell's step counter, between the float32
+    layer of the delay and the quantized one -- computing both, as a graph select evaluates both sides.
+    ``"delay"``: float32 only, the step counted; ``"active"``: quantized only. A graph compiled with
+    ``"delay"`` is correct only for steps up to ``start_step`` and one compiled with ``"active"`` only
+    after them: the backend compiles one gradient step per phase and picks by its step count. (The
+    attribute is ``quant_phase``: ``Cell.phase`` is MindSpore's own.)"""
+    for _, cell in quantized_cells(model):
+        cell.quant_phase = phase
 
 
 def quantized_cells(model: nn.Cell) -> list[tuple[str, nn.Cell]]:
