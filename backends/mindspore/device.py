@@ -69,9 +69,20 @@ def check(device: str) -> tuple[str, int]:
     return target, index
 
 
+#: MindSpore's on-disk graph cache. In 2.10 it hands back a graph compiled for another configuration of the
+#: same source -- measured: a QAT run with a quantization delay got the cached graph of one without, and
+#: trained on with losses of 36 instead of 0.68 -- so a run with it on could silently be wrong.
+COMPILE_CACHE_ENV = "MS_COMPILER_CACHE_ENABLE"
+
+
 def select(device: str) -> str:
     """Check ``device`` and make it MindSpore's device for this process (once: it cannot change)."""
     global _current
+    import os
+
+    if os.environ.get(COMPILE_CACHE_ENV, "").strip() not in ("", "0"):
+        raise Q8Error(f"{COMPILE_CACHE_ENV}={os.environ[COMPILE_CACHE_ENV]}: MindSpore's compile cache can reuse a "
+                      f"graph compiled for another model or quantization setting (wrong results); unset it")
     target, index = check(device)
     if _current is None:
         import mindspore as ms

@@ -1,6 +1,7 @@
-"""The ModelZoo's data-sink options on the MindSpore backend: declared through ``add_backend_options``,
-validated, stored with the run, and -- where MindSpore cannot sink (this CPU) -- one note and exactly the
-training the same command gives without them."""
+"""Settings of the MindSpore backend: the ModelZoo's data-sink options (declared through
+``add_backend_options``, validated, stored with the run, and -- where MindSpore cannot sink (this CPU) --
+one note and exactly the training the same command gives without them), and MindSpore's own compile
+cache, which is refused."""
 
 from __future__ import annotations
 
@@ -101,3 +102,14 @@ def test_notes_by_device():
     assert sink.note({"enable_data_sink": True, "data_sink_steps": 100}, "Ascend") == (
         "--enable-data-sink: this backend feeds each step to its compiled graph and does not sink data yet; "
         "training step by step, with the same results")
+
+
+def test_mindspore_compile_cache_is_refused(tiny_bert, sst2_dir, tmp_path, capsys, monkeypatch):
+    """MindSpore 2.10's compile cache reuses graphs across settings of the same code: refused in one line."""
+    monkeypatch.setenv("Q8_PLUGINS", PLUGINS)
+    monkeypatch.setenv("MS_COMPILER_CACHE_ENABLE", "1")
+    out = tmp_path / "out"
+    code, _, err = run_q8(_run(tiny_bert, sst2_dir, out), capsys)
+    assert code == 2 and err.startswith("q8: error: MS_COMPILER_CACHE_ENABLE=1: MindSpore's compile cache") \
+        and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
