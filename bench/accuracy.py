@@ -126,12 +126,12 @@ def main(argv=None) -> int:
              "",
              f"Written by `python bench/accuracy.py --tasks {args.tasks} --seeds {args.seeds}`: all-MiniLM-L6-v2 "
              f"({args.backend} backend), settings of `bench/glue_runs.sh` (QAT after 100 FP32 steps), final "
-             f"checkpoints; seeds {args.seeds} (mean ± std over seeds where several). The paper's BERT-base numbers "
+             f"checkpoints; seeds {args.seeds} where their runs exist (mean ± std over seeds where several). The paper's BERT-base numbers "
              f"(mean of 5 runs) are beside them for reference — a different, larger model.",
              "",
-             "| task | metric | steps | " + " | ".join(TITLES[c] for c in COLUMNS)
+             "| task | metric | steps | seeds | " + " | ".join(TITLES[c] for c in COLUMNS)
              + " | QAT / FP32 | int8 − QAT | paper FP32 / QAT / DQ |",
-             "|---|---|---:|" + "---:|" * len(COLUMNS) + "---:|---:|---|"]
+             "|---|---|---:|---:|" + "---:|" * len(COLUMNS) + "---:|---:|---|"]
     for task, seeds in table.items():
         metrics = [m for m in seeds[0]["fp32"] if not m.endswith("_mm")]
         for metric in metrics:
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
             ratio = statistics.mean(s["qat"][metric] / s["fp32"][metric] for s in seeds)
             delta = statistics.mean(100 * (s["int8"][metric] - s["qat"][metric]) for s in seeds)
             paper = " / ".join(f"{v:.2f}" for v in PAPER[task]) if metric == MAIN[task] else ""
-            lines.append(f"| {task} | {metric} | {seeds[0]['steps']} | " + " | ".join(cells)
+            lines.append(f"| {task} | {metric} | {seeds[0]['steps']} | {len(seeds)} | " + " | ".join(cells)
                          + f" | {ratio:.3f} | {delta:+.2f} | {paper} |")
     lines += ["", "QNLI: only its dev split is available here (no training data), so there is no QNLI model "
               "to evaluate.", ""]

@@ -27,7 +27,7 @@ from q8core import distributed
 from q8core.distributed import DistributedEnv, environment, shard, shard_bounds
 from q8core.errors import Q8Error
 
-from helpers import run_q8
+from helpers import assert_same_run, records, run_q8
 
 WEIGHT_ATOL = 2e-6  # final model weights (measured 2e-7)
 EMA_RTOL = 1e-5  # EMA activation ranges (measured 1.1e-6)
@@ -126,10 +126,6 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
 
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _assert_equivalent(ddp: Path, one: Path) -> None:
     """The 2-process run ends where the 1-process run with batch 2B ends, within float rounding."""
     ra, rb = (json.loads((d / "eval_results.json").read_text()) for d in (ddp, one))
@@ -146,19 +142,7 @@ def _assert_equivalent(ddp: Path, one: Path) -> None:
     assert ema_a.keys() == ema_b.keys()
     for name in ema_b:
         np.testing.assert_allclose(ema_a[name], ema_b[name], rtol=EMA_RTOL, atol=0, err_msg=name)
-    log_a, log_b = _records(ddp), _records(one)
-    # rank 0 alone writes: the same records as one process, no line twice
-    assert [(r["type"], r["step"]) for r in log_a] == [(r["type"], r["step"]) for r in log_b]
-    for a, b in zip(log_a, log_b):
-        if a["type"] == "train":
-            assert a["loss"] == pytest.approx(b["loss"], abs=LOSS_ATOL) and a["learning_rate"] == b["learning_rate"]
-            assert a["ema"].keys() == b["ema"].keys()
-            for name in b["ema"]:
-                assert a["ema"][name] == pytest.approx(b["ema"][name], rel=EMA_RTOL), name
-    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in one.iterdir())
-    for checkpoint in one.glob("checkpoint-*"):
-        assert sorted(p.name for p in (ddp / checkpoint.name).iterdir()) == sorted(p.name for p in checkpoint.iterdir())
-    assert json.loads((ddp / "trainer_state.json").read_text())["world_size"] == 2
+    assert_same_run(ddp, one, loss_atol=LOSS_ATOL, ema_rtol=EMA_RTOL)  # rank 0 alone writes
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +188,7 @@ def test_ddp_resume_continues_exactly_and_refuses_another_world_size(sst2_runs, 
     for name in ("model.safetensors", "quant_state.safetensors"):  # same processes, same sums: bit for bit
         assert (resumed / "checkpoint-12" / name).read_bytes() == (root / "ddp" / "checkpoint-12" / name).read_bytes()
     strip = lambda records: [{k: v for k, v in r.items() if k not in ("sec_per_step", "elapsed_s")} for r in records]
-    assert strip(_records(resumed)) == strip(_records(root / "ddp"))
+    assert strip(records(resumed)) == strip(records(root / "ddp"))
 
 
 def test_regression_with_a_last_batch_smaller_than_the_world(no_dropout_bert, tmp_path):

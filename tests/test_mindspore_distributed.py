@@ -28,6 +28,8 @@ ms = pytest.importorskip("mindspore", reason="MindSpore not installed")
 from q8core.distributed import SINGLE, DistributedEnv, environment  # noqa: E402
 from q8core.errors import Q8Error  # noqa: E402
 
+from helpers import assert_same_run, edited_bert, run_q8  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MSRUN = shutil.which("msrun", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 PLUGINS = "torch,mindspore,glue"
@@ -105,12 +107,8 @@ ARGS = ["--max-steps", "6", "--max-seq-length", "16", "--learning-rate", "3e-3",
 def one_layer_no_dropout_bert(tiny_bert, tmp_path) -> Path:
     """The tiny BERT cut to one layer (half the compile time), dropout off: masks differ per rank, so only
     without dropout can two workers reproduce one process."""
-    folder = tmp_path / "bert"
-    shutil.copytree(tiny_bert, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(num_hidden_layers=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return edited_bert(tiny_bert, tmp_path / "bert", num_hidden_layers=1, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0)
 
 
 def _free_port() -> int:
@@ -142,16 +140,11 @@ def _checkpoint(path: Path) -> dict[str, np.ndarray]:
     return {name: value.asnumpy() for name, value in ms.load_checkpoint(str(path / "model.ckpt")).items()}
 
 
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.skipif(MSRUN is None, reason="msrun not on PATH")
 def test_two_msrun_workers_train_like_one_process_with_the_doubled_batch(one_layer_no_dropout_bert, tmp_path,
                                                                          capsys, monkeypatch):
     """SST-2 with 43 rows and a global batch of 8: five batches, then one of 3 rows that splits 2 + 1."""
     from conftest import write_sst2
-    from helpers import run_q8
 
     monkeypatch.setenv("Q8_PLUGINS", PLUGINS)
     data = write_sst2(tmp_path / "SST-2", n_train=43, n_dev=32)
@@ -188,16 +181,5 @@ def test_two_msrun_workers_train_like_one_process_with_the_doubled_batch(one_lay
             else:
                 np.testing.assert_allclose(wa[name], wb[name], rtol=0, atol=WEIGHT_ATOL, err_msg=name)
         assert any(name.endswith(".input_ema") and wb[name] > 0 for name in wb)
-    log_a, log_b = _records(ddp), _records(one)
-    # worker 0 alone writes: the one-process run's files and records, no line twice
-    assert [(r["type"], r["step"]) for r in log_a] == [(r["type"], r["step"]) for r in log_b]
-    for a, b in zip(log_a, log_b):
-        if a["type"] == "train":
-            assert a["loss"] == pytest.approx(b["loss"], abs=LOSS_ATOL) and a["learning_rate"] == b["learning_rate"]
-            for name in b["ema"]:
-                assert a["ema"][name] == pytest.approx(b["ema"][name], rel=EMA_RTOL), name
-    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in one.iterdir())
-    for checkpoint in one.glob("checkpoint-*"):
-        assert sorted(p.name for p in (ddp / checkpoint.name).iterdir()) == sorted(p.name for p in checkpoint.iterdir())
-    assert json.loads((ddp / "trainer_state.json").read_text())["world_size"] == 2
+    assert_same_run(ddp, one, loss_atol=LOSS_ATOL, ema_rtol=EMA_RTOL)  # worker 0 alone writes
     assert "accuracy=" in worker0 and "accuracy=" not in worker1 and "Traceback" not in worker1

@@ -6,13 +6,12 @@ cache, which is refused."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 pytest.importorskip("mindspore", reason="MindSpore not installed")
 
-from helpers import run_q8  # noqa: E402
+from helpers import edited_bert, records, run_q8  # noqa: E402
 
 PLUGINS = "torch,mindspore,glue"
 CPU_NOTE = ("q8: note: --enable-data-sink: MindSpore sinks data only on GPU and Ascend; "
@@ -21,12 +20,7 @@ CPU_NOTE = ("q8: note: --enable-data-sink: MindSpore sinks data only on GPU and 
 
 @pytest.fixture
 def one_layer_bert(tiny_bert, tmp_path):
-    folder = tmp_path / "one-layer-bert"
-    shutil.copytree(tiny_bert, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["num_hidden_layers"] = 1
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return edited_bert(tiny_bert, tmp_path / "one-layer-bert", num_hidden_layers=1)
 
 
 def _run(model, data, out, *extra):
@@ -37,8 +31,8 @@ def _run(model, data, out, *extra):
 
 
 def _train_log(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], json.dumps(r.get("ema"), sort_keys=True)) for r in records if r["type"] == "train"]
+    return [(r["step"], r["loss"], json.dumps(r.get("ema"), sort_keys=True)) for r in records(run_dir)
+            if r["type"] == "train"]
 
 
 def test_sink_options_are_noted_stored_and_train_exactly_as_without(one_layer_bert, sst2_dir, tmp_path, capsys,

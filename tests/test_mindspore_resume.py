@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +19,9 @@ import pytest
 
 pytest.importorskip("mindspore", reason="MindSpore not installed")
 
-from helpers import run_q8  # noqa: E402
+from helpers import KILLER, edited_bert, run_q8  # noqa: E402
 
 PLUGINS = "torch,mindspore,glue"
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    import cli
-    from q8core import plugins
-    from q8core.hookspecs import hookimpl
-
-    class Killer:
-        @hookimpl
-        def on_step_end(self, trainer, step, logs):
-            if step == int(os.environ["KILL_AT"]):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    load = plugins.load_registry
-    cli.load_registry = lambda: load(extra_plugins=(Killer(),))
-    cli.main(sys.argv[1:])
-""")
 
 
 def _args(tiny_bert, data, out) -> list[str]:
@@ -64,14 +46,8 @@ def _weights(checkpoint: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture
 def one_layer_bert(tiny_bert, tmp_path):
-    """The tiny BERT cut to its first layer (the MindSpore BERT ignores the second layer's weights): half the
-    graph, half the compile time of each of the three runs."""
-    folder = tmp_path / "one-layer-bert"
-    shutil.copytree(tiny_bert, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["num_hidden_layers"] = 1
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    """The tiny BERT cut to its first layer: half the graph, half the compile time of each of the three runs."""
+    return edited_bert(tiny_bert, tmp_path / "one-layer-bert", num_hidden_layers=1)
 
 
 def test_killed_and_resumed_mindspore_run_ends_exactly_like_the_uninterrupted_one(one_layer_bert, sst2_dir, tmp_path,

@@ -4,32 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import run_q8
+from helpers import KILLER, run_q8
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    import cli
-    from q8core import plugins
-    from q8core.hookspecs import hookimpl
-
-    class Killer:
-        @hookimpl
-        def on_step_end(self, trainer, step, logs):
-            if step == int(os.environ["KILL_AT"]):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    load = plugins.load_registry
-    cli.load_registry = lambda: load(extra_plugins=(Killer(),))
-    cli.main(sys.argv[1:])
-""")
 
 
 def _args(tiny_bert, data, out) -> list[str]:
