@@ -227,24 +227,28 @@ def _example_runs(model: str, data_dir: Path, output_dir: Path, backend: str, de
     progress bar on the terminal); a one-line error if either fails."""
     import os
     import subprocess
+    import tempfile
 
     threads = str(max(1, (os.cpu_count() or 2) // 2))
     env = dict(os.environ, OMP_NUM_THREADS=threads, Q8_MS_THREADS=threads)
     click.echo(f"fine-tuning all-MiniLM-L6-v2 on {data_dir}: FP32 and QAT side by side, {threads} thread(s) each",
                err=True)
-    fp32 = subprocess.Popen(_example_command(model, data_dir, output_dir, backend, device, "fp32", True), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        qat = subprocess.run(_example_command(model, data_dir, output_dir, backend, device, "qat", quiet), env=env,
-                             stdout=subprocess.DEVNULL, stderr=None if not quiet else subprocess.PIPE, text=True)
-        fp32_err = fp32.communicate()[1]
-    finally:
-        if fp32.poll() is None:
-            fp32.kill()
-    for mode, code, err in (("qat", qat.returncode, qat.stderr), ("fp32", fp32.returncode, fp32_err)):
-        if code != 0:
-            lines = [line for line in (err or "").splitlines() if line.strip()]
-            raise Q8Error(f"the example's {mode} run failed: {lines[-1] if lines else f'exit status {code}'}")
+    # stderr to files, not pipes: a run that writes more than a pipe holds must not stall
+    with tempfile.TemporaryFile("w+") as fp32_log, tempfile.TemporaryFile("w+") as qat_log:
+        fp32 = subprocess.Popen(_example_command(model, data_dir, output_dir, backend, device, "fp32", True), env=env,
+                                stdout=subprocess.DEVNULL, stderr=fp32_log)
+        try:  # QAT in the foreground: its progress bar (unless --quiet) is the one on the terminal
+            qat = subprocess.run(_example_command(model, data_dir, output_dir, backend, device, "qat", quiet),
+                                 env=env, stdout=subprocess.DEVNULL, stderr=qat_log if quiet else None)
+            fp32.wait()
+        finally:
+            if fp32.poll() is None:
+                fp32.kill()
+        for mode, code, log in (("qat", qat.returncode, qat_log), ("fp32", fp32.returncode, fp32_log)):
+            if code != 0:
+                log.seek(0)
+                lines = [line for line in log.read().splitlines() if line.strip()]
+                raise Q8Error(f"the example's {mode} run failed: {lines[-1] if lines else f'exit status {code}'}")
 
 
 def _example(backend: str, device: str, output_dir: Path, quiet: bool) -> None:
