@@ -168,7 +168,7 @@ def plot(table: dict, path: Path) -> None:
     ax.set_ylim(max(0, low - 10), 100)
     ax.set_ylabel("dev metric × 100")
     ax.set_title("all-MiniLM-L6-v2 on GLUE dev: FP32 vs Q8BERT QAT vs DQ vs int8 ONNX")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", ncol=len(COLUMNS))
     fig.tight_layout()
     fig.savefig(str(path), dpi=100)
 
