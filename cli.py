@@ -273,12 +273,12 @@ def _example(backend: str, device: str, output_dir: Path, quiet: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise Q8Error(f"--output-dir {output_dir} is a file, not a folder")
     _example_runs(model, task.sample_dir, output_dir, backend_cls.name, device, quiet)
-    engines, checkpoints_ = {}, {}
+    engines, checkpoints_, specs = {}, {}, {}
     for mode in ("fp32", "qat"):  # the final models, as q8 eval would load them
         state = json.loads((output_dir / mode / checkpoints.TRAINER_STATE_FILE).read_text(encoding="utf-8"))
         checkpoints_[mode] = path = output_dir / mode / state["last_checkpoint"]
-        engines[mode] = backend_cls.from_checkpoint(path, spec=QuantSpec.load(path), device=device)
-    qat_spec = QuantSpec.load(checkpoints_["qat"])
+        specs[mode] = QuantSpec.load(path)
+        engines[mode] = backend_cls.from_checkpoint(path, spec=specs[mode], device=device)
     eval_sets = load_eval_sets(task, task.sample_dir, load_tokenizer(checkpoints_["qat"]), 128)
     dev = eval_sets[""]
     num_train = len(task.read(task.sample_dir, "train"))
@@ -292,7 +292,7 @@ def _example(backend: str, device: str, output_dir: Path, quiet: bool) -> None:
     try:  # the deployable int8 model: exported, then evaluated and timed on ONNX Runtime
         checkpoint, manifest, exporter = _open_checkpoint(checkpoints_["qat"], registry)  # the trained one
         _export(checkpoint, manifest, exporter, "onnx-int8", int8_dir)
-        engines["int8"] = registry.backend("onnxruntime").from_checkpoint(int8_dir, spec=qat_spec, device="cpu")
+        engines["int8"] = registry.backend("onnxruntime").from_checkpoint(int8_dir, spec=specs["qat"], device="cpu")
         results["int8"] = evaluate(engines["int8"], task, eval_sets, 32, True)[metric]
         int8_bytes = (int8_dir / "model.onnx").stat().st_size
         int8_note = f"int8 ONNX in {int8_dir}"
@@ -409,15 +409,23 @@ def eval_(ctx, checkpoint, model, task, backend, max_seq_length, data_dir, datas
                       f"--mode applies to checkpoints")
     if mode is not None:
         spec = dataclasses.replace(spec, mode=mode)
-    load_data = lambda: load_eval_sets(task, data_dir, load_tokenizer(path),  # noqa: E731
-                                       manifest.get("max_seq_length", 128), dataset_type)
-    records = None if dataset_type == "tsv" else load_data()  # bad record files fail before the model loads
-    backend = backend_cls.from_checkpoint(path, spec=spec, device=device)
-    backend.set_options(backend_options)
-    eval_sets = load_data() if records is None else records
-    metrics = evaluate(backend, task, eval_sets, eval_batch_size, backend_cls.dynamic_shapes)
+    metrics = _evaluate(task, path, manifest.get("max_seq_length", 128), data_dir, dataset_type, eval_batch_size,
+                        lambda: backend_cls.from_checkpoint(path, spec=spec, device=device), backend_options)
     _print_eval(task, path, spec.mode, backend_cls.name, metrics, as_json,
                 _modelzoo_line(metrics, task.main_metric, path))
+
+
+def _evaluate(task, tokenizer_source, max_seq_length: int, data_dir, dataset_type: str, eval_batch_size: int,
+              make_backend, backend_options: dict) -> dict[str, float]:
+    """Dev metrics of the model ``make_backend()`` loads. Record files are read (and checked) before the
+    model loads, so bad records fail fast; TSV needs the model's tokenizer only."""
+    load_data = lambda: load_eval_sets(task, data_dir, load_tokenizer(tokenizer_source),  # noqa: E731
+                                       max_seq_length, dataset_type)
+    records = None if dataset_type == "tsv" else load_data()
+    backend = make_backend()
+    backend.set_options(backend_options)
+    eval_sets = load_data() if records is None else records
+    return evaluate(backend, task, eval_sets, eval_batch_size, type(backend).dynamic_shapes)
 
 
 def _print_eval(task, source, mode: str, backend: str, metrics: dict, as_json: bool, modelzoo_line: str) -> None:
@@ -447,23 +455,19 @@ def _eval_model(ctx, registry, model, task_name, backend_name, max_seq_length, d
     backend_cls.check_options(backend_options)
     source = modelzoo.prepare_model(model)  # a ModelZoo classifier is kept whatever its size ...
     modelzoo.require_classifier(source, task.num_labels, where=f"--model {model}")  # ... and checked here
-    load_data = lambda: load_eval_sets(task, data_dir, load_tokenizer(source), max_seq_length,  # noqa: E731
-                                       dataset_type)
-    records = None if dataset_type == "tsv" else load_data()
     spec = QuantSpec(mode=mode or "fp32")
-    backend = backend_cls.from_pretrained(source, labels=task.labels, spec=spec, device=device, seed=0)
-    backend.set_options(backend_options)
-    eval_sets = load_data() if records is None else records
-    metrics = evaluate(backend, task, eval_sets, eval_batch_size, backend_cls.dynamic_shapes)
-    best = metrics[task.main_metric]
-    _print_eval(task, model, spec.mode, backend_cls.name, metrics, as_json,
-                f"The current result is {metrics}, the best result is  {best}")
+    metrics = _evaluate(task, source, max_seq_length, data_dir, dataset_type, eval_batch_size,
+                        lambda: backend_cls.from_pretrained(source, labels=task.labels, spec=spec, device=device,
+                                                            seed=0), backend_options)
+    _print_eval(task, model, spec.mode, backend_cls.name, metrics, as_json, _modelzoo_line(metrics, task.main_metric))
 
 
-def _modelzoo_line(metrics: dict[str, float], main_metric: str, checkpoint: Path) -> str:
+def _modelzoo_line(metrics: dict[str, float], main_metric: str, checkpoint: Path | None = None) -> str:
     """The ModelZoo's result line: the current metrics, and the best main metric of the checkpoint's run
-    (this checkpoint's own where it has no run folder, or where it beats the run's best)."""
+    (this checkpoint's own where it has no run folder -- or no checkpoint --, or where it beats the run's best)."""
     best = metrics[main_metric]
+    if checkpoint is None:
+        return f"The current result is {metrics}, the best result is  {best}"
     state_file = checkpoint.parent / checkpoints.TRAINER_STATE_FILE
     try:
         run_best = json.loads(state_file.read_text(encoding="utf-8")).get("best_metric")

@@ -192,7 +192,6 @@ class MindSporeBackend(Backend):
                                max_grad_norm=max_grad_norm)
         self.base_lr, self.weight_decay = float(learning_rate), float(weight_decay)
         self.warmup_steps, self.total_steps = int(warmup_steps), int(total_steps)
-        self.max_grad_norm = float(max_grad_norm or 0.0)
         self._step = 0
         loss_cell = LossCell(self.model)
         grad_fn = ms.value_and_grad(loss_cell, None, self.optimizer.params, has_aux=True)
@@ -344,19 +343,17 @@ class MindSporeBackend(Backend):
         return [TRAINING_STATE_FILE]
 
     def load_training_state(self, directory):
-        from safetensors.numpy import load_file
+        from safetensors import safe_open
 
         if self.optimizer is None:
             raise RuntimeError("configure_optimizer() must be called before load_training_state()")
         path = Path(directory) / TRAINING_STATE_FILE
         if not path.is_file():
             raise Q8Error(f"{directory}: no {TRAINING_STATE_FILE}; this checkpoint cannot be resumed")
-        try:
-            from safetensors import safe_open
-
+        try:  # one read: the metadata and the moments from the same open file
             with safe_open(str(path), framework="numpy") as fh:
                 state = json.loads((fh.metadata() or {})["state"])
-            tensors = load_file(str(path))
+                tensors = {key: fh.get_tensor(key) for key in fh.keys()}
         except Exception as exc:  # truncated, not safetensors, no metadata
             raise Q8Error(f"{path}: unreadable training state ({type(exc).__name__})") from None
         moments = []

@@ -40,18 +40,13 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from q8core.distributed import DistributedEnv
-from q8core.errors import Q8Error
+from q8core.errors import Q8Error, first_line
 
 from . import device as devices
 
 #: The collectives, built once the group exists (their constructors look the group up).
 _SUM = None  # ops.AllReduce(): SUM over ranks
 _GATHER = None  # ops.AllGather(): rank-ordered concatenation along axis 0
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def joined() -> bool:
@@ -77,7 +72,7 @@ def join(env: DistributedEnv, device: str) -> DistributedEnv:
             try:
                 init()
             except (RuntimeError, ValueError, TypeError) as exc:
-                raise Q8Error(f"msrun scheduler: MindSpore could not form the cluster ({_first_line(exc)})") \
+                raise Q8Error(f"msrun scheduler: MindSpore could not form the cluster ({first_line(exc)})") \
                     from None
         raise SystemExit(0)
     if os.environ.get("MS_ROLE") != "MS_WORKER" and not os.environ.get("RANK_TABLE_FILE"):
@@ -87,7 +82,7 @@ def join(env: DistributedEnv, device: str) -> DistributedEnv:
         try:
             init()
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise Q8Error(f"msrun: MindSpore on {target} could not join the process group ({_first_line(exc)})") \
+            raise Q8Error(f"msrun: MindSpore on {target} could not join the process group ({first_line(exc)})") \
                 from None
     rank, size = int(get_rank()), int(get_group_size())
     if size != env.world_size:
