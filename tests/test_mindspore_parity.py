@@ -94,6 +94,8 @@ def test_a_bare_bert_checkpoint_gets_a_seeded_classifier_and_bad_folders_fail_in
     from safetensors.numpy import load_file, save_file
 
     from backends.mindspore.backend import MindSporeBackend
+    from backends.pytorch.backend import TorchBackend
+    from q8core.heads import new_parameter
 
     def build(folder, seed=1):
         return MindSporeBackend.from_pretrained(str(folder), labels=None, spec=QuantSpec(mode="fp32"), device="cpu",
@@ -104,6 +106,12 @@ def test_a_bare_bert_checkpoint_gets_a_seeded_classifier_and_bad_folders_fail_in
     assert weight.shape == (1, 32) and a.regression
     assert np.array_equal(weight, {n: p.asnumpy() for n, p in b.model.parameters_and_names()}["classifier.weight"])
     assert not np.array_equal(weight, {n: p.asnumpy() for n, p in c.model.parameters_and_names()}["classifier.weight"])
+    # the core draws the new head, so the PyTorch backend starts from the very same numbers
+    np.testing.assert_array_equal(weight, new_parameter("classifier.weight", (1, 32), seed=1, initializer_range=0.02))
+    torch_b = TorchBackend.from_pretrained(str(tiny_bert), labels=None, spec=QuantSpec(mode="fp32"), device="cpu", seed=1)
+    np.testing.assert_array_equal(torch_b.model.classifier.weight.detach().numpy(), weight)
+    batch = _batches(1)[0]
+    np.testing.assert_allclose(a.predict(batch), torch_b.predict(batch), rtol=0, atol=1e-5)
     state = load_file(str(tiny_bert / "model.safetensors"))
     for broken, change in (("missing", lambda s: s.pop("encoder.layer.1.output.dense.weight")),
                            ("shape", lambda s: s.__setitem__("embeddings.LayerNorm.bias", np.zeros(3, np.float32)))):

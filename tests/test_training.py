@@ -49,7 +49,8 @@ def test_qat_run_learns_the_toy_task(qat_run):
     trainer, _, run_dir = qat_run
     train, evals = _records(run_dir, "train"), _records(run_dir, "eval")
     assert trainer.total_steps == 64 and train[-1]["step"] == 64
-    assert np.mean([r["loss"] for r in train[-3:]]) < 0.75 * np.mean([r["loss"] for r in train[:2]])
+    # the loss leaves chance level (ln 2) late, once the accuracy jumps: compare the last log with the first
+    assert train[-1]["loss"] < 0.8 * min(train[0]["loss"], np.log(2))
     assert evals[-1]["accuracy"] >= 0.9 > evals[0]["accuracy"]
     assert all(r["ema"] for r in train)  # EMA ranges are logged for QAT
 

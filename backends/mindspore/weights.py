@@ -4,8 +4,8 @@ The model's trainable parameter names *are* the Hugging Face keys of ``BertForSe
 so the map is the identity, plus what transformers itself does when it loads a checkpoint:
 a ``BertModel`` checkpoint (keys without the ``bert.`` prefix) gets the prefix, TF-era
 ``LayerNorm.gamma`` / ``LayerNorm.beta`` read as ``weight`` / ``bias``, pre-training heads (``cls.*``)
-and buffers (``position_ids``) are ignored, and a missing classifier (or pooler) is initialised from
-the seed with normal(0, initializer_range) weights and zero biases.
+and buffers (``position_ids``) are ignored, and a missing classifier (or pooler) takes the core's
+seeded starting values (``q8core.heads``), the same numbers the PyTorch backend starts from.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from q8core.errors import Q8Error
+from q8core.heads import new_parameter
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -126,7 +127,6 @@ def load_weights(model, state: dict[str, np.ndarray], *, seed: int, initializer_
     from mindspore import Tensor
 
     mapped = map_state_dict(state)
-    rng = np.random.default_rng(seed)
     initialised = []
     for name, param in model.parameters_and_names():
         if not param.requires_grad:
@@ -137,8 +137,7 @@ def load_weights(model, state: dict[str, np.ndarray], *, seed: int, initializer_
             if tuple(value.shape) != shape:
                 raise Q8Error(f"{where}: parameter {name} has shape {tuple(value.shape)}, the model expects {shape}")
         elif name.startswith(NEW_HEADS):
-            value = np.zeros(shape, np.float32) if name.endswith("bias") else \
-                rng.normal(0.0, initializer_range, shape).astype(np.float32)
+            value = new_parameter(name, shape, seed=seed, initializer_range=initializer_range)
             initialised.append(name)
         else:
             raise Q8Error(f"{where}: missing weight {name}")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from q8core.backend import Backend
 from q8core.distributed import SINGLE, DistributedEnv
 from q8core.errors import Q8Error, load_error
+from q8core.heads import new_parameter
 from q8core.spec import QuantSpec
 
 from .quantization import quantize_model, quantized_modules, sync_ranges
@@ -37,7 +38,9 @@ def torch_device(device: str) -> torch.device:
     return torch.device("cuda", number)
 
 
-def _load_hf_model(source: str, **config_kwargs):
+def _load_hf_model(source: str, *, seed: int | None = None, **config_kwargs):
+    """The sequence classifier of ``source``; with ``seed``, the parameters the checkpoint lacks (a new
+    task head) take the core's seeded starting values, the numbers every backend starts from."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -51,7 +54,8 @@ def _load_hf_model(source: str, **config_kwargs):
         raise Q8Error(f"{source}: a {config.model_type!r} model; Q8BERT fine-tunes BERT-family encoders "
                       f"({', '.join(ENCODERS)})")
     try:
-        return AutoModelForSequenceClassification.from_pretrained(source, config=config)
+        model, info = AutoModelForSequenceClassification.from_pretrained(source, config=config,
+                                                                         output_loading_info=True)
     except (OSError, ValueError, KeyError) as exc:
         raise load_error(source, exc) from None
     except RuntimeError as exc:  # transformers: weights whose shapes do not fit the config
@@ -59,6 +63,17 @@ def _load_hf_model(source: str, **config_kwargs):
             raise
         raise Q8Error(f"{source}: its weights do not fit its config.json "
                       f"({_first_mismatch(source, config) or 'tensor shapes differ'})") from None
+    if seed is not None:
+        _init_new_parameters(model, set(info["missing_keys"]), seed, getattr(config, "initializer_range", 0.02))
+    return model
+
+
+def _init_new_parameters(model: torch.nn.Module, names: set[str], seed: int, initializer_range: float) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in names:
+                param.copy_(torch.from_numpy(new_parameter(name, tuple(param.shape), seed=seed,
+                                                           initializer_range=initializer_range)))
 
 
 def _first_mismatch(source: str, config) -> str | None:
@@ -115,7 +130,7 @@ class TorchBackend(Backend):
         kwargs = {"num_labels": 1, "problem_type": "regression"} if labels is None else {
             "num_labels": len(labels), "problem_type": "single_label_classification",
             "id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
-        model = _load_hf_model(str(source), **kwargs)
+        model = _load_hf_model(str(source), seed=seed, **kwargs)
         return cls(quantize_model(model, spec), spec, torch_device(device))
 
     @classmethod
