@@ -30,6 +30,7 @@ TRAIN = {  # as bench/glue_runs.sh
     "sts-b": ["--epochs", "3", "--eval-steps", "180"],
     "sst-2": ["--max-steps", "600", "--train-batch-size", "32", "--eval-steps", "200"],
 }
+COMMON = ["--quant-delay", "100", "--learning-rate", "5e-5"]  # every task, both modes
 DATA = {"sts-b": "STS-B", "sst-2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "qnli": "QNLI"}
 MAIN = {"sts-b": "pearson", "sst-2": "accuracy", "mrpc": "f1", "rte": "accuracy", "qnli": "accuracy"}
 PAPER = {  # METHOD.md: BERT-base, mean of 5 runs (FP32, Q8BERT QAT, DQ)
@@ -64,8 +65,8 @@ def train(folder: Path, task: str, mode: str, seed: int, backend: str, glue: Pat
         if any(folder.glob("checkpoint-*/q8_checkpoint.json")):
             q8("run", "--resume", str(folder), "--quiet")
         else:
-            q8("run", "--backend", backend, "--task", task, "--mode", mode, "--quant-delay", "100", "--seed", str(seed),
-               *TRAIN[task], "--model", minilm(), "--data-dir", str(glue / DATA[task]), "--output-dir", str(folder),
+            q8("run", "--backend", backend, "--task", task, "--mode", mode, "--seed", str(seed), *COMMON, *TRAIN[task],
+               "--model", minilm(), "--data-dir", str(glue / DATA[task]), "--output-dir", str(folder),
                "--overwrite", "--quiet")
     return json.loads(results.read_text())
 
@@ -125,8 +126,8 @@ def main(argv=None) -> int:
     lines = ["# Accuracy: FP32, Q8BERT QAT, DQ and the int8 export on GLUE dev",
              "",
              f"Written by `python bench/accuracy.py --tasks {args.tasks} --seeds {args.seeds}`: all-MiniLM-L6-v2 "
-             f"({args.backend} backend), settings of `bench/glue_runs.sh` (QAT after 100 FP32 steps), final "
-             f"checkpoints; seeds {args.seeds} where their runs exist (mean ± std over seeds where several). The paper's BERT-base numbers "
+             f"({args.backend} backend), settings of `bench/glue_runs.sh` (learning rate 5e-5, QAT after 100 FP32 "
+             f"steps), final checkpoints; seeds {args.seeds} where their runs exist (mean ± std over seeds where several). The paper's BERT-base numbers "
              f"(mean of 5 runs) are beside them for reference — a different, larger model.",
              "",
              "| task | metric | steps | seeds | " + " | ".join(TITLES[c] for c in COLUMNS)

