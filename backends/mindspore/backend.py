@@ -31,6 +31,7 @@ from q8core.distributed import SINGLE
 from q8core.errors import Q8Error
 from q8core.spec import QuantSpec
 
+from . import cpu_kernels
 from . import device as devices
 from . import parallel
 from . import sink
@@ -121,7 +122,8 @@ class MindSporeBackend(Backend):
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def _build(cls, hf_config: dict, spec: QuantSpec, device: str, where: str) -> BertForSequenceClassification:
-        devices.select(device)
+        if devices.select(device) == "CPU":
+            cpu_kernels.load()
         return BertForSequenceClassification(BertConfig.from_dict(hf_config, where), spec)
 
     @classmethod

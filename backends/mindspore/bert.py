@@ -21,6 +21,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from q8core.errors import Q8Error
 from q8core.spec import QuantSpec
 
+from . import cpu_kernels
 from .quantization import make_dense, make_embedding
 
 F32 = ms.float32
@@ -115,13 +116,18 @@ class Gelu(nn.Cell):
     """Exact (erf) GELU, ``x * Phi(x)``, with a hand-written backward ``dy * (Phi(x) + x * phi(x))``.
 
     The forward also returns ``Phi(x)`` so the backward reuses it: MindSpore's CPU ``Erf`` is a slow
-    scalar kernel, and the automatic backward of ``ops.gelu`` differentiates its expansion op by op."""
+    scalar kernel, and the automatic backward of ``ops.gelu`` differentiates its expansion op by op.
+    On the CPU both directions are single fused kernels where :mod:`.cpu_kernels` is loaded."""
 
     def construct(self, x):
+        if cpu_kernels.ACTIVE is not None:
+            return cpu_kernels.ACTIVE.gelu(x), x
         cdf = 0.5 * (1.0 + ops.erf(x * SQRT1_2))
         return x * cdf, cdf
 
     def bprop(self, x, out, dout):
+        if cpu_kernels.ACTIVE is not None:
+            return (cpu_kernels.ACTIVE.gelu_grad(x, dout[0]),)
         pdf = ops.exp(x * x * -0.5) * INV_SQRT_2PI
         return (dout[0] * (out[1] + x * pdf),)
 
