@@ -392,7 +392,8 @@ class MindSporeBackend(Backend):
             length = min(EXPORT_SHAPE[1], int(self.hf_config.get("max_position_embeddings", 512)))
             example = [Tensor(np.zeros((EXPORT_SHAPE[0], length), np.int32)) for _ in FEATURES]
             example[1] = Tensor(np.ones((EXPORT_SHAPE[0], length), np.int32))
-            ms.export(InferenceCell(self.model), *example, file_name=str(directory / "model"),
-                      file_format=fmt.upper())
+            with cpu_kernels.standard_ops():  # the file must not need this machine's kernel library
+                ms.export(InferenceCell(self.model), *example, file_name=str(directory / "model"),
+                          file_format=fmt.upper())
             write_config(directory, self.hf_config)
         return sorted(p.name for p in directory.iterdir())

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from q8core.errors import Q8Error
@@ -93,6 +94,18 @@ def load() -> Kernels | None:
         print(f"q8: note: MindSpore CPU kernels not built ({why}); using MindSpore's own ops (slower)",
               file=sys.stderr)
     return ACTIVE
+
+
+@contextmanager
+def standard_ops():
+    """MindSpore's own ops for the graphs compiled inside the block: an exported MINDIR must run where
+    this machine's library does not exist (MindSpore Lite, Ascend, another host)."""
+    global ACTIVE
+    saved, ACTIVE = ACTIVE, None
+    try:
+        yield
+    finally:
+        ACTIVE = saved
 
 
 def cache_folder() -> Path:
