@@ -26,7 +26,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from q8core.errors import Q8Error
+from q8core.errors import Q8Error, first_line
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
@@ -90,8 +90,7 @@ def load() -> Kernels | None:
     try:
         ACTIVE = Kernels(build())
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"q8: note: MindSpore CPU kernels not built ({why}); using MindSpore's own ops (slower)",
+        print(f"q8: note: MindSpore CPU kernels not built ({first_line(exc)}); using MindSpore's own ops (slower)",
               file=sys.stderr)
     return ACTIVE
 
