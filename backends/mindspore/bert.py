@@ -117,7 +117,8 @@ class Gelu(nn.Cell):
 
     The forward also returns ``Phi(x)`` so the backward reuses it: MindSpore's CPU ``Erf`` is a slow
     scalar kernel, and the automatic backward of ``ops.gelu`` differentiates its expansion op by op.
-    On the CPU both directions are single fused kernels where :mod:`.cpu_kernels` is loaded."""
+    On the CPU both directions are single fused kernels where :mod:`.cpu_kernels` is loaded; the gradient
+    kernel recomputes ``Phi(x)`` in its own pass, so the forward's second output is then just ``x``."""
 
     def construct(self, x):
         if cpu_kernels.ACTIVE is not None:
