@@ -51,7 +51,6 @@ class Kernels:
             return ops.Custom(f"{library}:{name}", out_shape=None, out_dtype=lambda x, *rest: x, func_type="aot",
                               reg_info=info.get_op_info())
 
-        self.library = library
         #: x -> x * Phi(x)
         self.gelu = custom("Q8Gelu", ["x"])
         #: (x, dy) -> dy * GELU'(x)
