@@ -81,6 +81,100 @@ def test_gelu_its_gradient_and_the_cell_that_uses_them(kernels):
     np.testing.assert_array_equal(backward, grad)
 
 
+def _layer_norm64(x, w, b, dy, eps):
+    """LayerNorm over the last axis in float64, and the gradients of sum(y * dy) by hand."""
+    x, w, dy = (a.astype(np.float64) for a in (x, w, dy))
+    mean = x.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+    xhat = (x - mean) * rstd
+    g = dy * w
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    rows = (-1, x.shape[-1])
+    return xhat * w + b, dx, (dy * xhat).reshape(rows).sum(0), dy.reshape(rows).sum(0)
+
+
+@pytest.mark.parametrize("eps", [1e-12, 1e-5])
+def test_layer_norm_and_its_gradients(kernels, eps, monkeypatch):
+    from backends.mindspore.bert import LayerNorm
+
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((3, 11, 384)) * 4 + 2).astype(np.float32)
+    x[0, 0] = 1.5  # a constant row: variance 0, normalised to 0
+    w, b = (rng.standard_normal(384).astype(np.float32) for _ in range(2))
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    y64, dx64, dw64, db64 = _layer_norm64(x, w, b, dy, eps)
+    e = Tensor(np.float32(eps))
+    y = _both_modes(kernels.layer_norm, Tensor(x), Tensor(w), Tensor(b), e)
+    np.testing.assert_allclose(y, y64, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(y[0, 0], b)
+    dx = _both_modes(kernels.layer_norm_grad, Tensor(x), Tensor(w), Tensor(dy), e)
+    np.testing.assert_allclose(dx, dx64, rtol=1e-4, atol=2e-5 if eps < 1e-6 else 1e-5)
+    params = _both_modes(kernels.layer_norm_param_grad, Tensor(x.reshape(-1, 384)), Tensor(dy.reshape(-1, 384)), e)
+    assert params.shape == (2, 384)
+    np.testing.assert_allclose(params[0], dw64, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(params[1], db64, rtol=1e-5, atol=1e-4)
+
+    def cell_run():  # the cell: its forward and its hand-written backward, through the kernels or not
+        cell = LayerNorm(384, eps)
+        cell.weight.set_data(Tensor(w))
+        cell.bias.set_data(Tensor(b))
+        out = cell(Tensor(x)).asnumpy()
+        grads = ms.grad(lambda t: (cell(t) * Tensor(dy)).sum(), grad_position=0, weights=cell.trainable_params())(Tensor(x))
+        return out, grads[0].asnumpy(), grads[1][0].asnumpy(), grads[1][1].asnumpy()
+
+    fused = cell_run()
+    np.testing.assert_array_equal(fused[0], y)
+    np.testing.assert_array_equal(fused[1], dx)
+    np.testing.assert_array_equal(fused[2], params[0])
+    np.testing.assert_array_equal(fused[3], params[1])
+    monkeypatch.setattr(cpu_kernels, "ACTIVE", None)
+    for mine, theirs, tol in zip(fused, cell_run(), (1e-5, 2e-5, 1e-4, 1e-4)):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=tol)
+
+
+def test_masked_softmax_and_its_gradient(kernels, monkeypatch):
+    from backends.mindspore.bert import MASK_VALUE, MaskedSoftmax
+
+    rng = np.random.default_rng(7)
+    scores = (rng.standard_normal((3, 4, 9, 9)) * 6).astype(np.float32)
+    keep = np.ones((3, 9), np.float32)
+    keep[1, 5:] = keep[2, 1:] = 0  # padding: batch row 1 keeps 5 keys, row 2 one
+    additive = ((1.0 - keep) * MASK_VALUE).reshape(3, 1, 1, 9).astype(np.float32)
+    dprobs = rng.standard_normal(scores.shape).astype(np.float32)
+    scale = np.float32(8 ** -0.5)
+    z = scores.astype(np.float64) * scale + additive
+    p64 = np.exp(z - z.max(-1, keepdims=True))
+    p64 /= p64.sum(-1, keepdims=True)
+    ds64 = p64 * (dprobs - (p64 * dprobs).sum(-1, keepdims=True)) * scale
+    probs = _both_modes(kernels.masked_softmax, Tensor(scores), Tensor(additive), Tensor(scale))
+    np.testing.assert_allclose(probs, p64, rtol=1e-5, atol=1e-7)
+    assert (probs[1, :, :, 5:] == 0).all() and (probs[2, :, :, 0] == 1).all()  # padded keys get exactly 0
+    grad = _both_modes(kernels.softmax_grad, Tensor(probs), Tensor(dprobs), Tensor(scale))
+    np.testing.assert_allclose(grad, ds64, rtol=1e-4, atol=1e-6)
+
+    def cell_run():
+        cell = MaskedSoftmax(float(scale))
+        out = cell(Tensor(scores), Tensor(additive)).asnumpy()
+        return out, ms.grad(lambda t: (cell(t, Tensor(additive)) * Tensor(dprobs)).sum())(Tensor(scores)).asnumpy()
+
+    fused = cell_run()
+    np.testing.assert_array_equal(fused[0], probs)
+    np.testing.assert_array_equal(fused[1], grad)
+    monkeypatch.setattr(cpu_kernels, "ACTIVE", None)
+    plain = cell_run()
+    np.testing.assert_allclose(fused[0], plain[0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fused[1], plain[1], rtol=1e-4, atol=1e-6)
+
+
+def test_dequantize_gives_bias_add_then_division_bits(kernels):
+    rng = np.random.default_rng(8)
+    acc = rng.integers(-2 ** 23, 2 ** 23, size=(37, 24)).astype(np.float32)
+    bias_q = rng.integers(-2 ** 20, 2 ** 20, size=24).astype(np.float32)
+    s_b = np.float32(R.get_scale(np.float32(0.37), 8) * R.get_scale(np.float32(5.1), 8))
+    y = _both_modes(kernels.dequantize, Tensor(acc), Tensor(bias_q), Tensor(s_b))
+    np.testing.assert_array_equal(y, (acc + bias_q) / s_b)
+
+
 def test_sum_of_squares(kernels):
     x = np.random.default_rng(2).standard_normal((300, 70)).astype(np.float32)
     total = _both_modes(kernels.sum_squares, Tensor(x))

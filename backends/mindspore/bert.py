@@ -90,26 +90,71 @@ class LayerNorm(nn.Cell):
 class Normalize(nn.Cell):
     """MindSpore's ``LayerNorm`` kernel forward (it also returns each row's mean and variance) and a
     hand-written backward from them: the CPU ``LayerNormGrad`` kernel is 2x slower than these
-    element-wise ops and reductions (7.8 ms vs 4 ms per call on a MiniLM batch of 32)."""
+    element-wise ops and reductions (7.8 ms vs 4 ms per call on a MiniLM batch of 32). Where
+    :mod:`.cpu_kernels` is loaded, both directions are fused row kernels instead (the broadcasting ops
+    of the backward above cost about 4 ms each on a MiniLM batch of 32); they recompute each row's
+    moments from ``x``, so the forward's other outputs are then just ``x``."""
 
     def __init__(self, eps: float) -> None:
         super().__init__()
         self.eps = eps
+        self.eps_tensor = Tensor(np.float32(eps), F32)
         self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
         self.row_mean = ops.ReduceMean(keep_dims=True)
         self.column_sum = ops.ReduceSum()
+        self.unstack = ops.Unstack(0)
 
     def construct(self, x, weight, bias):
+        if cpu_kernels.ACTIVE is not None:
+            return cpu_kernels.ACTIVE.layer_norm(x, weight, bias, self.eps_tensor), x, x
         return self.norm(x, weight, bias)
 
     def bprop(self, x, weight, bias, out, dout):
         grad = dout[0]
+        if cpu_kernels.ACTIVE is not None:
+            kernels = cpu_kernels.ACTIVE
+            rows = x.reshape(-1, x.shape[-1])
+            grad_weight, grad_bias = self.unstack(
+                kernels.layer_norm_param_grad(rows, grad.reshape(rows.shape), self.eps_tensor))
+            return kernels.layer_norm_grad(x, weight, grad, self.eps_tensor), grad_weight, grad_bias
         rstd = ops.rsqrt(out[2] + self.eps)
         normed = (x - out[1]) * rstd
         scaled = grad * weight
         grad_x = (scaled - self.row_mean(scaled, -1) - normed * self.row_mean(scaled * normed, -1)) * rstd
         rows = grad.reshape(-1, grad.shape[-1])
         return grad_x, self.column_sum(rows * normed.reshape(rows.shape), 0), self.column_sum(rows, 0)
+
+
+class MaskedSoftmax(nn.Cell):
+    """Attention probabilities ``softmax(scores * scale + additive)`` over the keys, ``additive`` being the
+    (batch, 1, 1, keys) padding mask. On the CPU with :mod:`.cpu_kernels` loaded, one fused row kernel
+    each way (the broadcast scale-and-mask ops alone cost about 4 ms per layer on a MiniLM batch of 32);
+    elsewhere MindSpore's ops and their automatic gradient."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.scale_tensor = Tensor(np.float32(scale), F32)
+        self.fused = FusedMaskedSoftmax(self.scale_tensor)
+
+    def construct(self, scores, additive):
+        if cpu_kernels.ACTIVE is not None:
+            return self.fused(scores, additive)
+        return ops.softmax(scores * self.scale + additive, axis=-1)
+
+
+class FusedMaskedSoftmax(nn.Cell):
+    """:class:`MaskedSoftmax` through the CPU kernels, with their backward (the mask gets no gradient)."""
+
+    def __init__(self, scale: Tensor) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def construct(self, scores, additive):
+        return cpu_kernels.ACTIVE.masked_softmax(scores, additive, self.scale)
+
+    def bprop(self, scores, additive, out, dout):
+        return cpu_kernels.ACTIVE.softmax_grad(out, dout, self.scale), ops.zeros_like(additive)
 
 
 class Gelu(nn.Cell):
@@ -249,6 +294,7 @@ class BertSelfAttention(nn.Cell):
         self.query = make_dense(h, h, spec)
         self.key = make_dense(h, h, spec)
         self.value = make_dense(h, h, spec)
+        self.softmax = MaskedSoftmax(self.scaling)
         self.dropout = Dropout(config.attention_probs_dropout_prob)
         # in QAT training the three projections quantize their common input once (QuantDense.lead/follow)
         self.shared_input = all(getattr(cell, "shares_input", False) for cell in (self.query, self.key, self.value))
@@ -270,8 +316,7 @@ class BertSelfAttention(nn.Cell):
             q = self._heads(self.query(hidden), b, s)
             k = self._heads(self.key(hidden), b, s)
             v = self._heads(self.value(hidden), b, s)
-        scores = self.qk(q, k) * self.scaling + additive_mask
-        probs = self.dropout(ops.softmax(scores, axis=-1), probs_mask)
+        probs = self.dropout(self.softmax(self.qk(q, k), additive_mask), probs_mask)
         context = self.pv(probs, v).transpose(0, 2, 1, 3)
         return context.reshape(b, s, h)
 

@@ -32,6 +32,25 @@ int64_t elements(int index, const int *ndims, int64_t **shapes) {
   return n;
 }
 
+// Rows of a tensor normalised over its last axis: (rows, width).
+void rows_and_width(int index, const int *ndims, int64_t **shapes, int64_t *rows, int64_t *width) {
+  *width = ndims[index] ? shapes[index][ndims[index] - 1] : 1;
+  *rows = *width ? elements(index, ndims, shapes) / *width : 0;
+}
+
+// One row's mean and 1 / sqrt(biased variance + eps), both passes in float32 (as torch's CPU LayerNorm).
+void row_moments(const float *x, int64_t width, float eps, float *mean, float *rstd) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < width; j++) sum += x[j];
+  const float mu = sum / static_cast<float>(width);
+  float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t j = 0; j < width; j++) squares += (x[j] - mu) * (x[j] - mu);
+  *mean = mu;
+  *rstd = 1.0f / std::sqrt(squares / static_cast<float>(width) + eps);
+}
+
 std::vector<int64_t> shape_of(int index, const int *ndims, int64_t **shapes) {
   return std::vector<int64_t>(shapes[index], shapes[index] + ndims[index]);
 }
@@ -52,6 +71,24 @@ extern "C" std::vector<int64_t> Q8QuantizeInferShape(int *ndims, int64_t **shape
 }
 extern "C" std::vector<int64_t> Q8SumSquaresInferShape(int *, int64_t **, void *) { return {}; }
 extern "C" std::vector<int64_t> Q8AdamWInferShape(int *, int64_t **, void *) { return {}; }
+extern "C" std::vector<int64_t> Q8LayerNormInferShape(int *ndims, int64_t **shapes, void *) {
+  return shape_of(0, ndims, shapes);
+}
+extern "C" std::vector<int64_t> Q8LayerNormGradInferShape(int *ndims, int64_t **shapes, void *) {
+  return shape_of(0, ndims, shapes);
+}
+extern "C" std::vector<int64_t> Q8LayerNormParamGradInferShape(int *ndims, int64_t **shapes, void *) {
+  return {2, shapes[0][ndims[0] - 1]};
+}
+extern "C" std::vector<int64_t> Q8MaskedSoftmaxInferShape(int *ndims, int64_t **shapes, void *) {
+  return shape_of(0, ndims, shapes);
+}
+extern "C" std::vector<int64_t> Q8SoftmaxGradInferShape(int *ndims, int64_t **shapes, void *) {
+  return shape_of(0, ndims, shapes);
+}
+extern "C" std::vector<int64_t> Q8DequantizeInferShape(int *ndims, int64_t **shapes, void *) {
+  return shape_of(0, ndims, shapes);
+}
 
 // (x) -> x * Phi(x): exact GELU, Phi(x) = (1 + erf(x / sqrt 2)) / 2.
 extern "C" int Q8Gelu(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
@@ -147,5 +184,156 @@ extern "C" int Q8AdamW(int, void **params, int *ndims, int64_t **shapes, const c
     p[i] = p[i] * decay + neg_step * (mi / (std::sqrt(vi) / bc2_sqrt + eps));
   }
   *static_cast<float *>(params[6]) = 0.0f;
+  return 0;
+}
+
+// (x, weight, bias, eps) -> (x - mean) * rstd * weight + bias over the last axis (LayerNorm, biased variance).
+extern "C" int Q8LayerNorm(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float *b = static_cast<const float *>(params[2]);
+  const float eps = *static_cast<const float *>(params[3]);
+  float *y = static_cast<float *>(params[4]);
+  int64_t rows, width;
+  rows_and_width(0, ndims, shapes, &rows, &width);
+  for (int64_t r = 0; r < rows; r++) {
+    const float *xr = x + r * width;
+    float *yr = y + r * width;
+    float mean, rstd;
+    row_moments(xr, width, eps, &mean, &rstd);
+#pragma omp simd
+    for (int64_t j = 0; j < width; j++) yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+  }
+  return 0;
+}
+
+// (x, weight, dy, eps) -> dx, LayerNorm's input gradient: with xhat = (x - mean) * rstd and g = dy * weight,
+//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (row means over the last axis).
+extern "C" int Q8LayerNormGrad(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float *dy = static_cast<const float *>(params[2]);
+  const float eps = *static_cast<const float *>(params[3]);
+  float *dx = static_cast<float *>(params[4]);
+  int64_t rows, width;
+  rows_and_width(0, ndims, shapes, &rows, &width);
+  const float inv_width = 1.0f / static_cast<float>(width);
+  for (int64_t r = 0; r < rows; r++) {
+    const float *xr = x + r * width, *dyr = dy + r * width;
+    float *dxr = dx + r * width;
+    float mean, rstd;
+    row_moments(xr, width, eps, &mean, &rstd);
+    float g_sum = 0.0f, gx_sum = 0.0f;
+#pragma omp simd reduction(+ : g_sum, gx_sum)
+    for (int64_t j = 0; j < width; j++) {
+      const float g = dyr[j] * w[j];
+      g_sum += g;
+      gx_sum += g * ((xr[j] - mean) * rstd);
+    }
+    const float g_mean = g_sum * inv_width, gx_mean = gx_sum * inv_width;
+#pragma omp simd
+    for (int64_t j = 0; j < width; j++) {
+      const float xhat = (xr[j] - mean) * rstd;
+      dxr[j] = (dyr[j] * w[j] - g_mean - xhat * gx_mean) * rstd;
+    }
+  }
+  return 0;
+}
+
+// (x, dy, eps) -> [[sum over rows of dy * xhat], [sum over rows of dy]], shape (2, width): the gradients of
+// LayerNorm's weight and bias.
+extern "C" int Q8LayerNormParamGrad(int, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                    void *) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *dy = static_cast<const float *>(params[1]);
+  const float eps = *static_cast<const float *>(params[2]);
+  float *out = static_cast<float *>(params[3]);
+  int64_t rows, width;
+  rows_and_width(0, ndims, shapes, &rows, &width);
+  float *dw = out, *db = out + width;
+  for (int64_t j = 0; j < width; j++) dw[j] = db[j] = 0.0f;
+  for (int64_t r = 0; r < rows; r++) {
+    const float *xr = x + r * width, *dyr = dy + r * width;
+    float mean, rstd;
+    row_moments(xr, width, eps, &mean, &rstd);
+#pragma omp simd
+    for (int64_t j = 0; j < width; j++) {
+      dw[j] += dyr[j] * ((xr[j] - mean) * rstd);
+      db[j] += dyr[j];
+    }
+  }
+  return 0;
+}
+
+// (scores, additive, scale) -> softmax(scores * scale + additive) over the last axis: attention
+// probabilities. scores: (batch, ..., keys); additive: the mask of each batch row's keys, batch * keys
+// values (0 for a real token, a large negative number for padding) in any shape; scale: float32 scalar.
+extern "C" int Q8MaskedSoftmax(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const float *scores = static_cast<const float *>(params[0]);
+  const float *additive = static_cast<const float *>(params[1]);
+  const float scale = *static_cast<const float *>(params[2]);
+  float *probs = static_cast<float *>(params[3]);
+  int64_t rows, keys;
+  rows_and_width(0, ndims, shapes, &rows, &keys);
+  const int64_t batch = ndims[0] ? shapes[0][0] : 1;
+  const int64_t rows_per_batch = batch ? rows / batch : 0;
+  for (int64_t r = 0; r < rows; r++) {
+    const float *s = scores + r * keys;
+    const float *mask = additive + (r / rows_per_batch) * keys;
+    float *p = probs + r * keys;
+    float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+    for (int64_t k = 0; k < keys; k++) {
+      const float z = s[k] * scale + mask[k];
+      p[k] = z;
+      top = z > top ? z : top;
+    }
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t k = 0; k < keys; k++) {
+      const float e = expf(p[k] - top);
+      p[k] = e;
+      sum += e;
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t k = 0; k < keys; k++) p[k] *= inv;
+  }
+  return 0;
+}
+
+// (probs, dprobs, scale) -> scale * probs * (dprobs - sum(probs * dprobs)) over the last axis: the gradient
+// of Q8MaskedSoftmax's scores.
+extern "C" int Q8SoftmaxGrad(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const float *p = static_cast<const float *>(params[0]);
+  const float *dp = static_cast<const float *>(params[1]);
+  const float scale = *static_cast<const float *>(params[2]);
+  float *ds = static_cast<float *>(params[3]);
+  int64_t rows, keys;
+  rows_and_width(0, ndims, shapes, &rows, &keys);
+  for (int64_t r = 0; r < rows; r++) {
+    const float *pr = p + r * keys, *dpr = dp + r * keys;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t k = 0; k < keys; k++) dot += pr[k] * dpr[k];
+#pragma omp simd
+    for (int64_t k = 0; k < keys; k++) ds[r * keys + k] = pr[k] * (dpr[k] - dot) * scale;
+  }
+  return 0;
+}
+
+// (acc, bias_q, s_b) -> (acc + bias_q) / s_b: the integer linear layer's int32 accumulator plus its int32
+// bias (both float32 integers), back to float32 -- BiasAdd then RealDiv's bits in one pass.
+extern "C" int Q8Dequantize(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const float *acc = static_cast<const float *>(params[0]);
+  const float *bias = static_cast<const float *>(params[1]);
+  const float s_b = *static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  int64_t rows, width;
+  rows_and_width(0, ndims, shapes, &rows, &width);
+  for (int64_t r = 0; r < rows; r++) {
+#pragma omp simd
+    for (int64_t j = 0; j < width; j++) y[r * width + j] = (acc[r * width + j] + bias[j]) / s_b;
+  }
   return 0;
 }

@@ -3,7 +3,9 @@
 MindSpore's CPU kernels lose most of the QAT step's time to element-wise chains and a scalar ``Erf``
 (measured on a 4096 x 1536 MiniLM feed-forward activation, one thread: GELU forward 162 vs 15 ms,
 its backward 39 vs 12 ms, quantize 19 vs 8 ms, max|x| 16 vs 3 ms; max|W| of the 30522 x 384 word
-embedding 25 vs 3.5 ms). :func:`load` compiles the C++ file once per machine with the system's ``g++``
+embedding 25 vs 3.5 ms), and to broadcasting element-wise ops, each several times slower than the same
+op on equal shapes: LayerNorm's backward, the attention mask and scale. Those become fused row kernels
+(LayerNorm forward and backward, masked softmax and its backward, the integer layer's dequantization). :func:`load` compiles the C++ file once per machine with the system's ``g++``
 (``-O3 -march=native``) into a cache folder and wraps its functions in ``mindspore.ops.Custom``;
 :mod:`.quantization` and :mod:`.bert` then use them on the CPU. ``max_abs`` and ``quantize`` give the
 bits of the MindSpore ops they replace (and of :mod:`q8core.reference`); the GELU kernels agree with
@@ -63,6 +65,18 @@ class Kernels:
         self.sum_squares = custom("Q8SumSquares", ["x"])
         #: (param, m, v, grad, clip, hyper) -> 0, updating param, m, v in place (see :mod:`.optim`)
         self.adamw = custom("Q8AdamW", ["param", "m", "v", "grad", "clip", "hyper"])
+        #: (x, weight, bias, eps) -> LayerNorm over the last axis
+        self.layer_norm = custom("Q8LayerNorm", ["x", "weight", "bias", "eps"])
+        #: (x, weight, dy, eps) -> LayerNorm's input gradient
+        self.layer_norm_grad = custom("Q8LayerNormGrad", ["x", "weight", "dy", "eps"])
+        #: (x, dy, eps) -> [weight gradient, bias gradient], shape (2, width)
+        self.layer_norm_param_grad = custom("Q8LayerNormParamGrad", ["x", "dy", "eps"])
+        #: (scores, additive, scale) -> softmax(scores * scale + additive) over the last axis
+        self.masked_softmax = custom("Q8MaskedSoftmax", ["scores", "additive", "scale"])
+        #: (probs, dprobs, scale) -> the gradient of masked_softmax's scores
+        self.softmax_grad = custom("Q8SoftmaxGrad", ["probs", "dprobs", "scale"])
+        #: (acc, bias_q, s_b) -> (acc + bias_q) / s_b
+        self.dequantize = custom("Q8Dequantize", ["acc", "bias", "scale"])
 
 
 #: The loaded kernels, or ``None`` (not loaded, not on a CPU, turned off, or no compiler): read by the
