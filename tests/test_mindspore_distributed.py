@@ -94,7 +94,9 @@ def test_dropout_streams_differ_per_rank_and_share_one_resumable_state():
         np.testing.assert_array_equal(mine, theirs)
     plain = DropoutMasks(config, seed=7)  # one process: the stream of a run without msrun is unchanged
     reference = np.random.Generator(np.random.PCG64(7)).random((3, 2, 5, 8), dtype=np.float32) >= np.float32(0.1)
-    np.testing.assert_array_equal(plain.draw(2, 5)[0] > 0, reference)
+    hidden = plain.draw(2, 5)[0]
+    np.testing.assert_array_equal(hidden, np.where(reference, np.float32(1 / 0.9), np.float32(0)))  # kept units scaled as torch's
+    assert hidden.dtype == np.float32
 
 
 # -- two workers under msrun -----------------------------------------------------------------------
