@@ -175,6 +175,33 @@ def test_dequantize_gives_bias_add_then_division_bits(kernels):
     np.testing.assert_array_equal(y, (acc + bias_q) / s_b)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_matrix_products_through_onednn(kernels, threads):
+    if kernels.matmul_nt is None:
+        pytest.skip("this MindSpore ships no oneDNN library: the layers use MindSpore's MatMul")
+    import ctypes
+
+    ctypes.CDLL(str(cpu_kernels.build())).Q8SetGemmThreads(threads)  # 3: rows split unevenly over threads
+    try:
+        rng = np.random.default_rng(9)
+        for m, k, n in ((200, 48, 70), (5, 3, 2), (130, 0, 4)):
+            a = rng.standard_normal((m, k)).astype(np.float32)
+            b = rng.standard_normal((n, k)).astype(np.float32)
+            c = rng.standard_normal((k, n)).astype(np.float32)
+            d = rng.standard_normal((m, n)).astype(np.float32)
+            a64 = a.astype(np.float64)
+            for got, exact in ((_both_modes(kernels.matmul_nt, Tensor(a), Tensor(b)), a64 @ b.T),
+                               (_both_modes(kernels.matmul_nn, Tensor(a), Tensor(c)), a64 @ c),
+                               (_both_modes(kernels.matmul_tn, Tensor(d), Tensor(a)), d.astype(np.float64).T @ a)):
+                assert got.shape == exact.shape and got.dtype == np.float32
+                np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-4)
+        ints = rng.integers(-127, 128, size=(256, 384)).astype(np.float32)  # the integer layer: exact
+        np.testing.assert_array_equal(kernels.matmul_nt(Tensor(ints), Tensor(ints[:96])).asnumpy(),
+                                      (ints.astype(np.int64) @ ints[:96].T.astype(np.int64)).astype(np.float32))
+    finally:
+        ctypes.CDLL(str(cpu_kernels.build())).Q8SetGemmThreads(cpu_kernels.gemm_threads())
+
+
 def test_sum_of_squares(kernels):
     x = np.random.default_rng(2).standard_normal((300, 70)).astype(np.float32)
     total = _both_modes(kernels.sum_squares, Tensor(x))

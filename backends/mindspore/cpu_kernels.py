@@ -5,7 +5,9 @@ MindSpore's CPU kernels lose most of the QAT step's time to element-wise chains 
 its backward 39 vs 12 ms, quantize 19 vs 8 ms, max|x| 16 vs 3 ms; max|W| of the 30522 x 384 word
 embedding 25 vs 3.5 ms), and to broadcasting element-wise ops, each several times slower than the same
 op on equal shapes: LayerNorm's backward, the attention mask and scale. Those become fused row kernels
-(LayerNorm forward and backward, masked softmax and its backward, the integer layer's dequantization). :func:`load` compiles the C++ file once per machine with the system's ``g++``
+(LayerNorm forward and backward, masked softmax and its backward, the integer layer's dequantization).
+The layers' matrix products go to oneDNN's ``dnnl_sgemm`` from the ``libdnnl`` MindSpore ships (MindSpore's
+CPU MatMul reaches about half its speed: 84 vs 155 GFLOP/s on one thread). :func:`load` compiles the C++ file once per machine with the system's ``g++``
 (``-O3 -march=native``) into a cache folder and wraps its functions in ``mindspore.ops.Custom``;
 :mod:`.quantization` and :mod:`.bert` then use them on the CPU. ``max_abs`` and ``quantize`` give the
 bits of the MindSpore ops they replace (and of :mod:`q8core.reference`); the GELU kernels agree with
@@ -18,6 +20,7 @@ Where no compiler is found, or it fails, the backend keeps MindSpore's own ops a
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -77,6 +80,18 @@ class Kernels:
         self.softmax_grad = custom("Q8SoftmaxGrad", ["probs", "dprobs", "scale"])
         #: (acc, bias_q, s_b) -> (acc + bias_q) / s_b
         self.dequantize = custom("Q8Dequantize", ["acc", "bias", "scale"])
+        # oneDNN's GEMM on 2-D float32 (None where the library was built without it: see build); the same
+        # library object MindSpore opens, so the thread count set here is the kernels'
+        handle = ctypes.CDLL(str(library))
+        has_gemm = hasattr(handle, "Q8MatMulNT")
+        if has_gemm:
+            handle.Q8SetGemmThreads(ctypes.c_int(gemm_threads()))
+        #: (a, b) -> a . b^T
+        self.matmul_nt = custom("Q8MatMulNT", ["a", "b"]) if has_gemm else None
+        #: (a, b) -> a . b
+        self.matmul_nn = custom("Q8MatMulNN", ["a", "b"]) if has_gemm else None
+        #: (a, b) -> a^T . b
+        self.matmul_tn = custom("Q8MatMulTN", ["a", "b"]) if has_gemm else None
 
 
 #: The loaded kernels, or ``None`` (not loaded, not on a CPU, turned off, or no compiler): read by the
@@ -124,10 +139,30 @@ def cache_folder() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "q8bert")
 
 
-def _machine_key(compiler: str) -> str:
+def gemm_threads() -> int:
+    """Threads of the matrix-product kernels: ``Q8_MS_THREADS`` where set, else every CPU, as MindSpore's
+    own MatMul (it ran on both CPUs of a 2-CPU machine with a kernel pool of one thread)."""
+    from .device import THREADS_ENV, kernel_threads
+
+    return kernel_threads() if os.environ.get(THREADS_ENV, "").strip() else max(1, os.cpu_count() or 1)
+
+
+def gemm_flags() -> list[str]:
+    """Compiler arguments that add the matrix-product kernels: MindSpore's own oneDNN (``lib/libdnnl.so.*``,
+    whose ``dnnl_sgemm`` is about twice as fast as MindSpore's CPU MatMul), linked with its folder as the
+    run path; none where this MindSpore ships no oneDNN (the layers then keep MindSpore's MatMul)."""
+    import mindspore
+
+    found = sorted(Path(mindspore.__file__).parent.joinpath("lib").glob("libdnnl.so*"))
+    if not found:
+        return []
+    return ["-DQ8_DNNL", str(found[0]), f"-Wl,-rpath,{found[0].parent}", "-pthread"]
+
+
+def _machine_key(compiler: str, extra: list[str]) -> str:
     """What the library depends on: source, flags, compiler, and this CPU (``-march=native``)."""
     digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(" ".join(FLAGS).encode())
+    digest.update(" ".join(FLAGS + extra).encode())
     digest.update(subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout.encode())
     digest.update(platform.machine().encode())
     try:
@@ -147,14 +182,15 @@ def build() -> Path:
     if not compiler:
         raise OSError("no C++ compiler: g++ not found and CXX unset")
     folder = cache_folder()
-    target = folder / f"q8_cpu_kernels-{_machine_key(compiler)}.so"
+    extra = gemm_flags()
+    target = folder / f"q8_cpu_kernels-{_machine_key(compiler, extra)}.so"
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(handle)
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", temporary, str(SOURCE)], capture_output=True, text=True,
+        done = subprocess.run([compiler, *FLAGS, "-o", temporary, str(SOURCE), *extra], capture_output=True, text=True,
                               timeout=300)
         if done.returncode:
             lines = (done.stderr or done.stdout).strip().splitlines()

@@ -116,6 +116,34 @@ def ema_update(ema: Tensor, value: Tensor, decay: tuple[Tensor, Tensor]) -> Tens
     return d * ema + one_minus_d * value
 
 
+def gemm():
+    """The CPU kernels when they include oneDNN's GEMM, else ``None``."""
+    kernels = cpu_kernels.ACTIVE
+    return kernels if kernels is not None and kernels.matmul_nt is not None else None
+
+
+# ``a · bᵀ``, ``a · b`` and ``aᵀ · b`` of 2-D float32 tensors: oneDNN's GEMM through :mod:`.cpu_kernels` where
+# it is loaded with it, else ``fallback(a, b)`` (the ``ops.MatMul`` with those transposes). One function per
+# product, each a single branch: MindSpore 2.10 compiles string-selected branches inside a ``bprop`` to an
+# empty graph.
+def matmul_nt(a: Tensor, b: Tensor, fallback) -> Tensor:
+    if gemm() is not None:
+        return gemm().matmul_nt(a, b)
+    return fallback(a, b)
+
+
+def matmul_nn(a: Tensor, b: Tensor, fallback) -> Tensor:
+    if gemm() is not None:
+        return gemm().matmul_nn(a, b)
+    return fallback(a, b)
+
+
+def matmul_tn(a: Tensor, b: Tensor, fallback) -> Tensor:
+    if gemm() is not None:
+        return gemm().matmul_tn(a, b)
+    return fallback(a, b)
+
+
 class Dense(nn.Cell):
     """``y = x · Wᵀ + b`` with ``weight`` (out, in) and ``bias`` (out,) as in ``torch.nn.Linear``."""
 
@@ -153,12 +181,12 @@ class FloatLinear(nn.Cell):
         self.matmul_tn = ops.MatMul(transpose_a=True)
 
     def construct(self, x, weight, bias):
-        y = self.matmul_nt(x, weight)
+        y = matmul_nt(x, weight, self.matmul_nt)
         return ops.bias_add(y, bias) if self.has_bias else y
 
     def bprop(self, x, weight, bias, out, dout):
         grad_b = dout.sum(0) if self.has_bias else ops.zeros_like(bias)
-        return self.matmul_nn(dout, weight), self.matmul_tn(dout, x), grad_b
+        return matmul_nn(dout, weight, self.matmul_nn), matmul_tn(dout, x, self.matmul_tn), grad_b
 
 
 class IntegerLinear(nn.Cell):
@@ -179,7 +207,7 @@ class IntegerLinear(nn.Cell):
 
     def construct(self, x, weight, bias, x_q, w_q, s_x, s_w):
         s_b = s_w * s_x
-        acc = self.matmul_nt(x_q, w_q)
+        acc = matmul_nt(x_q, w_q, self.matmul_nt)
         if self.has_bias:
             bias_q = clamp(ops.round(bias * s_b), float(self.bias_qmax))
             if cpu_kernels.ACTIVE is not None:  # one pass, the same bits
@@ -190,8 +218,8 @@ class IntegerLinear(nn.Cell):
     def bprop(self, x, weight, bias, x_q, w_q, s_x, s_w, out, dout):
         # FQ(W) = W_q / S_W and FQ(x) = x_q / S_x: each division is of a tensor of the weight's size (the
         # integer weight, the weight gradient), never of the batch's (rows, out), up to 30x larger
-        grad_x = self.matmul_nn(dout, divide(w_q, s_w))
-        grad_w = divide(self.matmul_tn(dout, x_q), s_x)
+        grad_x = matmul_nn(dout, divide(w_q, s_w), self.matmul_nn)
+        grad_w = divide(matmul_tn(dout, x_q, self.matmul_tn), s_x)
         grad_b = dout.sum(0) if self.has_bias else ops.zeros_like(bias)
         return grad_x, grad_w, grad_b, ops.zeros_like(x_q), ops.zeros_like(w_q), ops.zeros_like(s_x), \
             ops.zeros_like(s_w)
