@@ -12,12 +12,14 @@
 // a few float32 ulps of the scalar functions.
 
 #include <algorithm>
+#include <atomic>
+#include <cfenv>
 #include <cmath>
 #include <cstdint>
+#include <thread>
 #include <vector>
 
 #ifdef Q8_DNNL
-#include <thread>
 // oneDNN's row-major single-precision GEMM (MindSpore ships oneDNN as lib/libdnnl.so.3; cpu_kernels.py links
 // it where found): C = alpha * op(A) * op(B) + beta * C; returns dnnl_success (0) or an error status.
 extern "C" int dnnl_sgemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
@@ -64,10 +66,58 @@ std::vector<int64_t> shape_of(int index, const int *ndims, int64_t **shapes) {
   return std::vector<int64_t>(shapes[index], shapes[index] + ndims[index]);
 }
 
+// Threads of the kernels below (Q8SetThreads; cpu_kernels.py sets it when it loads the library).
+int threads = 1;
+
+// body(begin, end) over [0, n) split into at most `threads` contiguous parts of at least `grain` items,
+// the last on the calling thread, every boundary a multiple of `align`. The results do not depend on the
+// split -- the same bits on any thread count -- provided element loops split at multiples of the vector
+// width (kAlign): libmvec's vector erff/expf and the scalar ones of a loop's remainder may differ in the
+// last bit, so each element must land in the same kind of iteration whatever the split.
+// (Every part, the caller's included, runs through one out-of-line copy of the body: inlined into the
+// caller with a constant start, the compiler may vectorise a reduction with other partial sums, which
+// changes the last bits of LayerNorm's gradient.)
+template <typename Body>
+__attribute__((noinline)) void run_part(const Body &body, int64_t begin, int64_t end) {
+  body(begin, end);
+}
+
+template <typename Body>
+void parallel_for(int64_t n, int64_t grain, const Body &body, int64_t align = 1) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n / std::max<int64_t>(grain, 1)));
+  if (parts == 1) {
+    run_part(body, int64_t{0}, n);
+    return;
+  }
+  auto bound = [=](int64_t p) { return p == parts ? n : n * p / parts / align * align; };
+  // the caller's floating-point environment (rounding mode, flush-to-zero), whatever its thread set, so
+  // that every part computes as the caller would
+  std::fenv_t caller;
+  std::fegetenv(&caller);
+  std::vector<std::thread> workers;
+  for (int64_t p = 0; p + 1 < parts; p++) {
+    workers.emplace_back([&body, &caller](int64_t begin, int64_t end) {
+      std::fesetenv(&caller);
+      run_part(body, begin, end);
+    }, bound(p), bound(p + 1));
+  }
+  run_part(body, bound(parts - 1), n);
+  for (auto &worker : workers) worker.join();
+}
+
+constexpr int64_t kAlign = 64;  // elements: a multiple of every vector width (and of a 64-byte line)
+
+constexpr int64_t kGrain = 32768;  // elements per thread, at least: below that a thread costs more than it saves
+
+int64_t row_grain(int64_t width) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(width, 1)); }
+
 }  // namespace
 
 // Output shapes, for graphs with dynamic shapes: MindSpore calls <name>InferShape for each kernel
 // (the third argument is MindSpore's AotExtra, unused here).
+// Sets the kernels' thread count (at least 1).
+extern "C" void Q8SetThreads(int count) { threads = count > 0 ? count : 1; }
+
 extern "C" std::vector<int64_t> Q8GeluInferShape(int *ndims, int64_t **shapes, void *) {
   return shape_of(0, ndims, shapes);
 }
@@ -115,8 +165,10 @@ extern "C" int Q8Gelu(int, void **params, int *ndims, int64_t **shapes, const ch
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[1]);
   const int64_t n = elements(0, ndims, shapes);
+  parallel_for(n, kGrain, [=](int64_t begin, int64_t end) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; i++) y[i] = x[i] * (0.5f * (1.0f + erff(x[i] * kSqrtHalf)));
+    for (int64_t i = begin; i < end; i++) y[i] = x[i] * (0.5f * (1.0f + erff(x[i] * kSqrtHalf)));
+  }, kAlign);
   return 0;
 }
 
@@ -126,12 +178,14 @@ extern "C" int Q8GeluGrad(int, void **params, int *ndims, int64_t **shapes, cons
   const float *dy = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[2]);
   const int64_t n = elements(0, ndims, shapes);
+  parallel_for(n, kGrain, [=](int64_t begin, int64_t end) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; i++) {
-    const float cdf = 0.5f * (1.0f + erff(x[i] * kSqrtHalf));
-    const float pdf = expf(x[i] * x[i] * -0.5f) * kInvSqrt2Pi;
-    dx[i] = dy[i] * (cdf + x[i] * pdf);
-  }
+    for (int64_t i = begin; i < end; i++) {
+      const float cdf = 0.5f * (1.0f + erff(x[i] * kSqrtHalf));
+      const float pdf = expf(x[i] * x[i] * -0.5f) * kInvSqrt2Pi;
+      dx[i] = dy[i] * (cdf + x[i] * pdf);
+    }
+  }, kAlign);
   return 0;
 }
 
@@ -157,13 +211,15 @@ extern "C" int Q8Quantize(int, void **params, int *ndims, int64_t **shapes, cons
   const float qmax = *static_cast<const float *>(params[2]);
   float *q = static_cast<float *>(params[3]);
   const int64_t n = elements(0, ndims, shapes);
+  parallel_for(n, kGrain, [=](int64_t begin, int64_t end) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; i++) {
-    float v = x[i] * scale;
-    v = v < -qmax ? -qmax : v;
-    v = v > qmax ? qmax : v;
-    q[i] = std::rint(v);
-  }
+    for (int64_t i = begin; i < end; i++) {
+      float v = x[i] * scale;
+      v = v < -qmax ? -qmax : v;
+      v = v > qmax ? qmax : v;
+      q[i] = std::rint(v);
+    }
+  }, kAlign);
   return 0;
 }
 
@@ -194,15 +250,17 @@ extern "C" int Q8AdamW(int, void **params, int *ndims, int64_t **shapes, const c
   const float decay = h[0], one_minus_beta1 = h[1], beta2 = h[2], one_minus_beta2 = h[3];
   const float bc2_sqrt = h[4], eps = h[5], neg_step = h[6];
   const int64_t n = elements(0, ndims, shapes);
+  parallel_for(n, kGrain, [=](int64_t begin, int64_t end) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; i++) {
-    const float grad = g[i] * clip;
-    const float mi = m[i] + one_minus_beta1 * (grad - m[i]);
-    const float vi = v[i] * beta2 + one_minus_beta2 * grad * grad;
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = p[i] * decay + neg_step * (mi / (std::sqrt(vi) / bc2_sqrt + eps));
-  }
+    for (int64_t i = begin; i < end; i++) {
+      const float grad = g[i] * clip;
+      const float mi = m[i] + one_minus_beta1 * (grad - m[i]);
+      const float vi = v[i] * beta2 + one_minus_beta2 * grad * grad;
+      m[i] = mi;
+      v[i] = vi;
+      p[i] = p[i] * decay + neg_step * (mi / (std::sqrt(vi) / bc2_sqrt + eps));
+    }
+  }, kAlign);
   *static_cast<float *>(params[6]) = 0.0f;
   return 0;
 }
@@ -216,14 +274,16 @@ extern "C" int Q8LayerNorm(int, void **params, int *ndims, int64_t **shapes, con
   float *y = static_cast<float *>(params[4]);
   int64_t rows, width;
   rows_and_width(0, ndims, shapes, &rows, &width);
-  for (int64_t r = 0; r < rows; r++) {
-    const float *xr = x + r * width;
-    float *yr = y + r * width;
-    float mean, rstd;
-    row_moments(xr, width, eps, &mean, &rstd);
+  parallel_for(rows, row_grain(width), [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      const float *xr = x + r * width;
+      float *yr = y + r * width;
+      float mean, rstd;
+      row_moments(xr, width, eps, &mean, &rstd);
 #pragma omp simd
-    for (int64_t j = 0; j < width; j++) yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
-  }
+      for (int64_t j = 0; j < width; j++) yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+    }
+  });
   return 0;
 }
 
@@ -238,25 +298,27 @@ extern "C" int Q8LayerNormGrad(int, void **params, int *ndims, int64_t **shapes,
   int64_t rows, width;
   rows_and_width(0, ndims, shapes, &rows, &width);
   const float inv_width = 1.0f / static_cast<float>(width);
-  for (int64_t r = 0; r < rows; r++) {
-    const float *xr = x + r * width, *dyr = dy + r * width;
-    float *dxr = dx + r * width;
-    float mean, rstd;
-    row_moments(xr, width, eps, &mean, &rstd);
-    float g_sum = 0.0f, gx_sum = 0.0f;
+  parallel_for(rows, row_grain(width), [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      const float *xr = x + r * width, *dyr = dy + r * width;
+      float *dxr = dx + r * width;
+      float mean, rstd;
+      row_moments(xr, width, eps, &mean, &rstd);
+      float g_sum = 0.0f, gx_sum = 0.0f;
 #pragma omp simd reduction(+ : g_sum, gx_sum)
-    for (int64_t j = 0; j < width; j++) {
-      const float g = dyr[j] * w[j];
-      g_sum += g;
-      gx_sum += g * ((xr[j] - mean) * rstd);
-    }
-    const float g_mean = g_sum * inv_width, gx_mean = gx_sum * inv_width;
+      for (int64_t j = 0; j < width; j++) {
+        const float g = dyr[j] * w[j];
+        g_sum += g;
+        gx_sum += g * ((xr[j] - mean) * rstd);
+      }
+      const float g_mean = g_sum * inv_width, gx_mean = gx_sum * inv_width;
 #pragma omp simd
-    for (int64_t j = 0; j < width; j++) {
-      const float xhat = (xr[j] - mean) * rstd;
-      dxr[j] = (dyr[j] * w[j] - g_mean - xhat * gx_mean) * rstd;
+      for (int64_t j = 0; j < width; j++) {
+        const float xhat = (xr[j] - mean) * rstd;
+        dxr[j] = (dyr[j] * w[j] - g_mean - xhat * gx_mean) * rstd;
+      }
     }
-  }
+  });
   return 0;
 }
 
@@ -297,28 +359,30 @@ extern "C" int Q8MaskedSoftmax(int, void **params, int *ndims, int64_t **shapes,
   rows_and_width(0, ndims, shapes, &rows, &keys);
   const int64_t batch = ndims[0] ? shapes[0][0] : 1;
   const int64_t rows_per_batch = batch ? rows / batch : 0;
-  for (int64_t r = 0; r < rows; r++) {
-    const float *s = scores + r * keys;
-    const float *mask = additive + (r / rows_per_batch) * keys;
-    float *p = probs + r * keys;
-    float top = -INFINITY;
+  parallel_for(rows, row_grain(keys), [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      const float *s = scores + r * keys;
+      const float *mask = additive + (r / rows_per_batch) * keys;
+      float *p = probs + r * keys;
+      float top = -INFINITY;
 #pragma omp simd reduction(max : top)
-    for (int64_t k = 0; k < keys; k++) {
-      const float z = s[k] * scale + mask[k];
-      p[k] = z;
-      top = z > top ? z : top;
-    }
-    float sum = 0.0f;
+      for (int64_t k = 0; k < keys; k++) {
+        const float z = s[k] * scale + mask[k];
+        p[k] = z;
+        top = z > top ? z : top;
+      }
+      float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t k = 0; k < keys; k++) {
-      const float e = expf(p[k] - top);
-      p[k] = e;
-      sum += e;
-    }
-    const float inv = 1.0f / sum;
+      for (int64_t k = 0; k < keys; k++) {
+        const float e = expf(p[k] - top);
+        p[k] = e;
+        sum += e;
+      }
+      const float inv = 1.0f / sum;
 #pragma omp simd
-    for (int64_t k = 0; k < keys; k++) p[k] *= inv;
-  }
+      for (int64_t k = 0; k < keys; k++) p[k] *= inv;
+    }
+  });
   return 0;
 }
 
@@ -331,14 +395,16 @@ extern "C" int Q8SoftmaxGrad(int, void **params, int *ndims, int64_t **shapes, c
   float *ds = static_cast<float *>(params[3]);
   int64_t rows, keys;
   rows_and_width(0, ndims, shapes, &rows, &keys);
-  for (int64_t r = 0; r < rows; r++) {
-    const float *pr = p + r * keys, *dpr = dp + r * keys;
-    float dot = 0.0f;
+  parallel_for(rows, row_grain(keys), [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      const float *pr = p + r * keys, *dpr = dp + r * keys;
+      float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t k = 0; k < keys; k++) dot += pr[k] * dpr[k];
+      for (int64_t k = 0; k < keys; k++) dot += pr[k] * dpr[k];
 #pragma omp simd
-    for (int64_t k = 0; k < keys; k++) ds[r * keys + k] = pr[k] * (dpr[k] - dot) * scale;
-  }
+      for (int64_t k = 0; k < keys; k++) ds[r * keys + k] = pr[k] * (dpr[k] - dot) * scale;
+    }
+  });
   return 0;
 }
 
@@ -351,10 +417,12 @@ extern "C" int Q8Dequantize(int, void **params, int *ndims, int64_t **shapes, co
   float *y = static_cast<float *>(params[3]);
   int64_t rows, width;
   rows_and_width(0, ndims, shapes, &rows, &width);
-  for (int64_t r = 0; r < rows; r++) {
+  parallel_for(rows, row_grain(width), [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
 #pragma omp simd
-    for (int64_t j = 0; j < width; j++) y[r * width + j] = (acc[r * width + j] + bias[j]) / s_b;
-  }
+      for (int64_t j = 0; j < width; j++) y[r * width + j] = (acc[r * width + j] + bias[j]) / s_b;
+    }
+  });
   return 0;
 }
 
@@ -364,8 +432,6 @@ namespace {
 // op(a) (m x k) times op(b) (k x n) into c (m x n), all row-major 2-D float32; a zero-sized product is
 // zeros. MindSpore's own CPU MatMul runs at about half oneDNN's speed here (84 vs 155 GFLOP/s, one thread,
 // 1536 x 384 x 1536).
-int gemm_threads = 1;
-
 int gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float *a, const float *b, float *c) {
   if (m == 0 || n == 0) return 0;
   if (k == 0) {
@@ -373,27 +439,18 @@ int gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float *a, cons
     return 0;
   }
   const int64_t lda = ta == 'N' ? k : m, ldb = tb == 'N' ? n : k;
-  // MindSpore's oneDNN runs each call on one thread: split the rows of c over gemm_threads threads
-  // (row i of op(a) starts at a + i * lda untransposed, a + i transposed), at least 64 rows each
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(gemm_threads, m / 64));
-  if (parts == 1) return dnnl_sgemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, n);
-  std::vector<std::thread> workers;
-  std::vector<int> status(parts, 0);
-  for (int64_t p = 0; p < parts; p++) {
-    const int64_t begin = m * p / parts, rows = m * (p + 1) / parts - begin;
+  // MindSpore's oneDNN runs each call on one thread: split the rows of c over the threads (row i of op(a)
+  // starts at a + i * lda untransposed, a + i transposed), at least 64 rows each
+  std::atomic<int> status{0};
+  parallel_for(m, 64, [&](int64_t begin, int64_t end) {
     const float *ap = a + (ta == 'N' ? begin * lda : begin);
-    auto run = [=, &status] { status[p] = dnnl_sgemm(ta, tb, rows, n, k, 1.0f, ap, lda, b, ldb, 0.0f, c + begin * n, n); };
-    if (p + 1 < parts) workers.emplace_back(run); else run();
-  }
-  for (auto &worker : workers) worker.join();
-  for (int code : status) if (code) return code;
-  return 0;
+    const int code = dnnl_sgemm(ta, tb, end - begin, n, k, 1.0f, ap, lda, b, ldb, 0.0f, c + begin * n, n);
+    if (code) status = code;
+  });
+  return status;
 }
 
 }  // namespace
-
-// The thread count of the matrix products (cpu_kernels.py sets it when it loads the library).
-extern "C" void Q8SetGemmThreads(int threads) { gemm_threads = threads > 0 ? threads : 1; }
 
 // (a, b) -> a . b^T: a (m, k), b (n, k), as nn.Linear's x . W^T.
 extern "C" int Q8MatMulNT(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {

@@ -34,7 +34,8 @@ from pathlib import Path
 from q8core.errors import Q8Error, first_line
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC",
+         "-pthread"]
 ENABLE_ENV = "Q8_MS_CPU_KERNELS"
 CACHE_ENV = "Q8_KERNEL_CACHE"
 
@@ -80,12 +81,11 @@ class Kernels:
         self.softmax_grad = custom("Q8SoftmaxGrad", ["probs", "dprobs", "scale"])
         #: (acc, bias_q, s_b) -> (acc + bias_q) / s_b
         self.dequantize = custom("Q8Dequantize", ["acc", "bias", "scale"])
-        # oneDNN's GEMM on 2-D float32 (None where the library was built without it: see build); the same
-        # library object MindSpore opens, so the thread count set here is the kernels'
+        # the same library object MindSpore opens: the thread count set here is the kernels'
         handle = ctypes.CDLL(str(library))
+        handle.Q8SetThreads(ctypes.c_int(threads()))
+        # oneDNN's GEMM on 2-D float32 (None where the library was built without it: see build)
         has_gemm = hasattr(handle, "Q8MatMulNT")
-        if has_gemm:
-            handle.Q8SetGemmThreads(ctypes.c_int(gemm_threads()))
         #: (a, b) -> a . b^T
         self.matmul_nt = custom("Q8MatMulNT", ["a", "b"]) if has_gemm else None
         #: (a, b) -> a . b
@@ -139,9 +139,10 @@ def cache_folder() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "q8bert")
 
 
-def gemm_threads() -> int:
-    """Threads of the matrix-product kernels: ``Q8_MS_THREADS`` where set, else every CPU, as MindSpore's
-    own MatMul (it ran on both CPUs of a 2-CPU machine with a kernel pool of one thread)."""
+def threads() -> int:
+    """Threads of the kernels (each splits its rows or elements, the same bits on any count):
+    ``Q8_MS_THREADS`` where set, else every CPU, as MindSpore's own MatMul (it ran on both CPUs of a
+    2-CPU machine with a kernel pool of one thread). Below 32768 elements a call stays on one thread."""
     from .device import THREADS_ENV, kernel_threads
 
     return kernel_threads() if os.environ.get(THREADS_ENV, "").strip() else max(1, os.cpu_count() or 1)
@@ -156,7 +157,7 @@ def gemm_flags() -> list[str]:
     found = sorted(Path(mindspore.__file__).parent.joinpath("lib").glob("libdnnl.so*"))
     if not found:
         return []
-    return ["-DQ8_DNNL", str(found[0]), f"-Wl,-rpath,{found[0].parent}", "-pthread"]
+    return ["-DQ8_DNNL", str(found[0]), f"-Wl,-rpath,{found[0].parent}"]
 
 
 def _machine_key(compiler: str, extra: list[str]) -> str:
