@@ -6,8 +6,10 @@ its backward 39 vs 12 ms, quantize 19 vs 8 ms, max|x| 16 vs 3 ms; max|W| of the 
 embedding 25 vs 3.5 ms), and to broadcasting element-wise ops, each several times slower than the same
 op on equal shapes: LayerNorm's backward, the attention mask and scale. Those become fused row kernels
 (LayerNorm forward and backward, masked softmax and its backward, the integer layer's dequantization).
-The layers' matrix products go to oneDNN's ``dnnl_sgemm`` from the ``libdnnl`` MindSpore ships (MindSpore's
-CPU MatMul reaches about half its speed: 84 vs 155 GFLOP/s on one thread). :func:`load` compiles the C++ file once per machine with the system's ``g++``
+The layers' matrix products go to oneDNN's ``dnnl_sgemm`` from the ``libdnnl`` MindSpore ships
+(137-156 GFLOP/s on one CPU; MindSpore's CPU MatMul about 100 per CPU, on both CPUs of a 2-CPU machine
+even with a kernel pool of one thread). Every kernel splits its work over :func:`threads` threads.
+:func:`load` compiles the C++ file once per machine with the system's ``g++``
 (``-O3 -march=native``) into a cache folder and wraps its functions in ``mindspore.ops.Custom``;
 :mod:`.quantization` and :mod:`.bert` then use them on the CPU. ``max_abs`` and ``quantize`` give the
 bits of the MindSpore ops they replace (and of :mod:`q8core.reference`); the GELU kernels agree with
@@ -150,7 +152,7 @@ def threads() -> int:
 
 def gemm_flags() -> list[str]:
     """Compiler arguments that add the matrix-product kernels: MindSpore's own oneDNN (``lib/libdnnl.so.*``,
-    whose ``dnnl_sgemm`` is about twice as fast as MindSpore's CPU MatMul), linked with its folder as the
+    whose ``dnnl_sgemm`` does more per CPU than MindSpore's CPU MatMul), linked with its folder as the
     run path; none where this MindSpore ships no oneDNN (the layers then keep MindSpore's MatMul)."""
     import mindspore
 
@@ -191,8 +193,8 @@ def build() -> Path:
     handle, temporary = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(handle)
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", temporary, str(SOURCE), *extra], capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run([compiler, *FLAGS, "-o", temporary, str(SOURCE), *extra], capture_output=True,
+                              text=True, timeout=300)
         if done.returncode:
             lines = (done.stderr or done.stdout).strip().splitlines()
             raise RuntimeError(f"{compiler} failed: {lines[0] if lines else done.returncode}")
