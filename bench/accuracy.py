@@ -1,7 +1,7 @@
 """Accuracy of FP32, Q8BERT QAT, DQ and the int8 ONNX export on GLUE dev sets (not a test).
 
     python bench/accuracy.py [--tasks sts-b,sst-2] [--seeds 42] [--glue ../shared/glue] [--runs runs/glue]
-                             [--backend torch] [--no-train]
+                             [--backend torch] [--quant-delay 100] [--no-train] [--output docs]
 
 For each task and seed it makes (or reuses) two `q8 run` folders with all-MiniLM-L6-v2 — FP32 and QAT,
 settings as in bench/glue_runs.sh — resuming a run that was stopped, then measures with the `q8`
@@ -30,7 +30,7 @@ TRAIN = {  # as bench/glue_runs.sh
     "sts-b": ["--epochs", "3", "--eval-steps", "180"],
     "sst-2": ["--max-steps", "600", "--train-batch-size", "32", "--eval-steps", "200"],
 }
-COMMON = ["--quant-delay", "100", "--learning-rate", "5e-5"]  # every task, both modes
+COMMON = ["--learning-rate", "5e-5"]  # every task, both modes (and --quant-delay, 100 unless --quant-delay)
 DATA = {"sts-b": "STS-B", "sst-2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "qnli": "QNLI"}
 MAIN = {"sts-b": "pearson", "sst-2": "accuracy", "mrpc": "f1", "rte": "accuracy", "qnli": "accuracy"}
 PAPER = {  # METHOD.md: BERT-base, mean of 5 runs (FP32, Q8BERT QAT, DQ)
@@ -59,13 +59,14 @@ def run_folder(runs: Path, task: str, mode: str, seed: int, backend: str) -> Pat
     return runs / (f"{task}-{mode}" + ("" if backend == "torch" else f"-{backend}") + ("" if seed == 42 else f"-s{seed}"))
 
 
-def train(folder: Path, task: str, mode: str, seed: int, backend: str, glue: Path) -> dict:
+def train(folder: Path, task: str, mode: str, seed: int, backend: str, glue: Path, delay: int) -> dict:
     results = folder / "eval_results.json"
     if not results.exists():
         if any(folder.glob("checkpoint-*/q8_checkpoint.json")):
             q8("run", "--resume", str(folder), "--quiet")
         else:
-            q8("run", "--backend", backend, "--task", task, "--mode", mode, "--seed", str(seed), *COMMON, *TRAIN[task],
+            q8("run", "--backend", backend, "--task", task, "--mode", mode, "--seed", str(seed), *COMMON,
+               "--quant-delay", str(delay), *TRAIN[task],
                "--model", minilm(), "--data-dir", str(glue / DATA[task]), "--output-dir", str(folder),
                "--overwrite", "--quiet")
     return json.loads(results.read_text())
@@ -82,7 +83,8 @@ def measure(task: str, seed: int, args) -> dict[str, dict]:
     fp32_dir, qat_dir = (run_folder(runs, task, m, seed, args.backend) for m in ("fp32", "qat"))
     if args.no_train and not ((fp32_dir / "eval_results.json").exists() and (qat_dir / "eval_results.json").exists()):
         return {}
-    fp32, qat = (train(d, task, m, seed, args.backend, glue) for d, m in ((fp32_dir, "fp32"), (qat_dir, "qat")))
+    fp32, qat = (train(d, task, m, seed, args.backend, glue, args.quant_delay)
+                 for d, m in ((fp32_dir, "fp32"), (qat_dir, "qat")))
     data = str(glue / DATA[task])
     dq = cached_eval(fp32_dir / "dq_eval.json", "--checkpoint", str(fp32_dir / f"checkpoint-{fp32['step']}"),
                      "--mode", "dq", "--data-dir", data)
@@ -111,6 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="runs/glue")
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--no-train", action="store_true", help="only tabulate runs that already exist")
+    parser.add_argument("--quant-delay", type=int, default=100,
+                        help="FP32 steps before QAT quantizes (default 100, as bench/glue_runs.sh; FP32 runs ignore it)")
     parser.add_argument("--output", default="docs")
     args = parser.parse_args(argv)
 
@@ -123,11 +127,12 @@ def main(argv=None) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(table, indent=2) + "\n")
+    delay = "" if args.quant_delay == 100 else f" --quant-delay {args.quant_delay}"
     lines = ["# Accuracy: FP32, Q8BERT QAT, DQ and the int8 export on GLUE dev",
              "",
-             f"Written by `python bench/accuracy.py --tasks {args.tasks} --seeds {args.seeds}`: all-MiniLM-L6-v2 "
-             f"({args.backend} backend), settings of `bench/glue_runs.sh` (learning rate 5e-5, QAT after 100 FP32 "
-             f"steps), final checkpoints; seeds {args.seeds} where their runs exist (mean ± std over seeds where several). The paper's BERT-base numbers "
+             f"Written by `python bench/accuracy.py --tasks {args.tasks} --seeds {args.seeds}{delay}`: "
+             f"all-MiniLM-L6-v2 ({args.backend} backend), settings of `bench/glue_runs.sh` (learning rate 5e-5, "
+             f"QAT after {args.quant_delay} FP32 steps), final checkpoints; seeds {args.seeds} where their runs exist (mean ± std over seeds where several). The paper's BERT-base numbers "
              f"(mean of 5 runs) are beside them for reference — a different, larger model.",
              "",
              "| task | metric | steps | seeds | " + " | ".join(TITLES[c] for c in COLUMNS)
