@@ -2,9 +2,10 @@
 with the torch backend also a plain hand-written PyTorch loop on the same batches (the framework's overhead).
 
     python bench/step_time.py [--backends torch,mindspore] [--model DIR] [--data-dir ../shared/glue/STS-B]
-                              [--threads N] [--cpu-time]
+                              [--threads N] [--cpu-time] [--shuffle]
 
-Every backend and mode trains on the same real batches (the task's first rows, batch 16 and 32,
+Every backend and mode trains on the same real batches (the task's first rows, or with --shuffle rows
+drawn at random as a training run draws them; batch 16 and 32,
 trimmed to the longest row as `q8 run` does); they take turns in rounds so machine noise hits all
 alike, and the best round counts. Prints seconds per step, QAT/FP32, and each backend over the first,
 and the machine's load average before and after (other jobs on a small machine change everything:
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import time
 
 import numpy as np
@@ -87,6 +89,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None,
                         help="kernel threads for every framework (default: each framework's own choice)")
+    parser.add_argument("--shuffle", action="store_true",
+                        help="rows drawn at random (seed 0) as a training run draws them, instead of the first rows "
+                             "(STS-B's first rows are short: batches of about 25 tokens against 55-77)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="process CPU time instead of wall-clock time (robust to other jobs on the machine)")
     args = parser.parse_args()
@@ -103,10 +108,14 @@ def main() -> None:
     tokenizer = load_tokenizer(model)
     print(f"{task.name}, {model}, {args.steps} steps x {args.rounds} rounds per backend, mode and batch size; "
           f"{'CPU' if args.cpu_time else 'wall-clock'} time; {os.cpu_count()} CPUs, {cpu_description()}, load average "
-          f"{os.getloadavg()[0]:.2f}; threads: {args.threads or 'framework defaults'}")
+          f"{os.getloadavg()[0]:.2f}; threads: {args.threads or 'framework defaults'}; "
+          f"{'random rows' if args.shuffle else 'first rows'}")
     print(f"{'backend':>10} {'batch':>5} {'fp32 s/step':>12} {'qat s/step':>11} {'qat/fp32':>9} {'qat vs ' + names[0]:>14}")
     for batch_size in (16, 32):
-        examples = task.read(args.data_dir, "train")[: batch_size * (args.steps + 1)]
+        examples = task.read(args.data_dir, "train")
+        if args.shuffle:
+            random.Random(0).shuffle(examples)
+        examples = examples[: batch_size * (args.steps + 1)]
         arrays = encode(examples, tokenizer, task, 128)
         data = list(batches(arrays, np.arange(len(examples)), batch_size, trim=True))
         runners = {}
