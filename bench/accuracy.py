@@ -55,8 +55,12 @@ def q8(*args: str) -> str:
     return done.stdout
 
 
-def run_folder(runs: Path, task: str, mode: str, seed: int, backend: str) -> Path:
-    return runs / (f"{task}-{mode}" + ("" if backend == "torch" else f"-{backend}") + ("" if seed == 42 else f"-s{seed}"))
+def run_folder(runs: Path, task: str, mode: str, seed: int, backend: str, delay: int = 100) -> Path:
+    """``{task}-{mode}[-d{delay}][-{backend}][-s{seed}]``: a QAT run with another --quant-delay than 100 has
+    its own folder, so runs of different settings never stand in for each other."""
+    qat_delay = f"-d{delay}" if mode == "qat" and delay != 100 else ""
+    return runs / (f"{task}-{mode}{qat_delay}" + ("" if backend == "torch" else f"-{backend}")
+                   + ("" if seed == 42 else f"-s{seed}"))
 
 
 def train(folder: Path, task: str, mode: str, seed: int, backend: str, glue: Path, delay: int) -> dict:
@@ -80,7 +84,7 @@ def cached_eval(cache: Path, *args: str) -> dict:
 
 def measure(task: str, seed: int, args) -> dict[str, dict]:
     runs, glue = Path(args.runs), Path(args.glue)
-    fp32_dir, qat_dir = (run_folder(runs, task, m, seed, args.backend) for m in ("fp32", "qat"))
+    fp32_dir, qat_dir = (run_folder(runs, task, m, seed, args.backend, args.quant_delay) for m in ("fp32", "qat"))
     if args.no_train and not ((fp32_dir / "eval_results.json").exists() and (qat_dir / "eval_results.json").exists()):
         return {}
     fp32, qat = (train(d, task, m, seed, args.backend, glue, args.quant_delay)
