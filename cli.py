@@ -115,8 +115,9 @@ def cli(ctx, debug):
                    "records as the MindSpore ModelZoo writes them, read with mindspore.dataset (needs MindSpore).")
 @click.option("--output-dir", type=click.Path(path_type=Path), help="Run folder to create.  [required]")
 @click.option("--model", default="bert-base-uncased", show_default=True,
-              help="Pretrained BERT: a Hugging Face hub id, a local folder, or a MindSpore ModelZoo .ckpt "
-                   "(its yaml or config.json and vocab.txt beside it).")
+              help="Pretrained BERT: a Hugging Face hub id, a local folder, a MindSpore ModelZoo .ckpt "
+                   "(its yaml or config.json and vocab.txt beside it), or a q8 run or checkpoint folder "
+                   "(its best checkpoint, task head included: QAT from a fine-tuned FP32 run).")
 @click.option("--backend", default="torch", show_default=True, help="Backend plugin (see `q8 plugins`).")
 @click.option("--device", default="cpu", show_default=True, callback=_device, help="cpu, gpu[:N] or ascend[:N].")
 @click.option("--mode", type=click.Choice(MODES),

@@ -128,6 +128,15 @@ def resolve(path: Path) -> Path:
     raise Q8Error(f"{path}: neither a q8 checkpoint nor a run folder with checkpoints")
 
 
+def model_source(source: str) -> str:
+    """``--model`` naming a q8 run folder: its best checkpoint, a Hugging Face folder that keeps the run's
+    fine-tuned task head (QAT can start from an FP32 run this way); any other source unchanged."""
+    path = Path(source)
+    if path.is_dir() and (path / TRAINER_STATE_FILE).exists() and not (path / MANIFEST_FILE).exists():
+        return str(resolve(path))
+    return source
+
+
 def newest_complete(run_dir: Path) -> tuple[Path, list[str]]:
     """The newest checkpoint of a run whose files match its manifest, and why newer ones were skipped."""
     skipped = []

@@ -102,6 +102,26 @@ def test_checkpoint_folder_is_a_plain_hugging_face_model(qat_run):
     assert model.config.num_labels == 2 and model.config.id2label == {0: "0", 1: "1"}
 
 
+def test_a_run_folder_as_model_starts_from_its_best_checkpoint_head_included(qat_run, tmp_path):
+    """QAT from a fine-tuned run: --model RUN_DIR loads RUN_DIR's best checkpoint, task head and all."""
+    from safetensors.numpy import load_file
+
+    trainer, data, run_dir = qat_run
+    best = checkpoints.resolve(run_dir)
+    assert best.name == trainer.best_checkpoint.name
+    second = _train(run_dir, data, tmp_path / "second", max_steps=1, learning_rate=1e-30, eval_steps=None,
+                    do_eval=False, spec=QuantSpec(mode="fp32"))
+    assert json.loads((tmp_path / "second" / "run_config.json").read_text())["model"] == str(run_dir)
+    start, end = load_file(str(best / "model.safetensors")), load_file(str(checkpoints.resolve(tmp_path / "second") / "model.safetensors"))
+    assert start.keys() == end.keys() and "classifier.weight" in end
+    for name in start:  # a step of learning rate 1e-30 leaves every weight, the head's too, as the source had it
+        np.testing.assert_allclose(end[name], start[name], rtol=0, atol=1e-20, err_msg=name)
+    fresh = _train(trainer.config.model, data, tmp_path / "fresh", max_steps=1, learning_rate=1e-30,
+                   eval_steps=None, do_eval=False, spec=QuantSpec(mode="fp32"))
+    drawn = load_file(str(checkpoints.resolve(tmp_path / "fresh") / "model.safetensors"))["classifier.weight"]
+    assert not np.array_equal(drawn, start["classifier.weight"])  # from the pretrained model, a head is drawn
+
+
 def test_q8_eval_reproduces_the_final_metrics(qat_run, capsys):
     _, data, run_dir = qat_run
     code, out, err = run_q8(["eval", "--checkpoint", str(run_dir / "checkpoint-64"), "--data-dir", str(data),
