@@ -1,7 +1,7 @@
 """Accuracy of FP32, Q8BERT QAT, DQ and the int8 ONNX export on GLUE dev sets (not a test).
 
     python bench/accuracy.py [--tasks sts-b,sst-2] [--seeds 42] [--glue ../shared/glue] [--runs runs/glue]
-                             [--backend torch] [--quant-delay 100] [--no-train] [--output docs]
+                             [--backend torch] [--quant-delay 100 | --from-fp32] [--no-train] [--output docs]
 
 For each task and seed it makes (or reuses) two `q8 run` folders with all-MiniLM-L6-v2 — FP32 and QAT,
 settings as in bench/glue_runs.sh — resuming a run that was stopped, then measures with the `q8`
@@ -13,6 +13,10 @@ command itself:
     int8 ONNX  `q8 export --format onnx-int8` of the QAT run's final checkpoint, `q8 eval` on it
 
 and writes docs/accuracy.md (with the paper's BERT-base numbers beside) and docs/accuracy.png.
+
+``--from-fp32`` makes the QAT column the two-stage recipe instead: QAT fine-tuning that starts from the
+same seed's final FP32 checkpoint (its task head included) for one more epoch (SST-2: 200 steps) at
+learning rate 1e-5, quantizing from the first step (``{task}-qat-from-fp32[-s{seed}]`` folders).
 QNLI has no training split here, so no QNLI model exists to evaluate; it is listed as such.
 """
 
@@ -31,6 +35,11 @@ TRAIN = {  # as bench/glue_runs.sh
     "sst-2": ["--max-steps", "600", "--train-batch-size", "32", "--eval-steps", "200"],
 }
 COMMON = ["--learning-rate", "5e-5"]  # every task, both modes (and --quant-delay, 100 unless --quant-delay)
+SECOND_STAGE = {  # --from-fp32: QAT from the FP32 run's final checkpoint
+    "sts-b": ["--epochs", "1", "--eval-steps", "90", "--learning-rate", "1e-5", "--quant-delay", "0"],
+    "sst-2": ["--max-steps", "200", "--train-batch-size", "32", "--eval-steps", "100", "--learning-rate", "1e-5",
+              "--quant-delay", "0"],
+}
 DATA = {"sts-b": "STS-B", "sst-2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "qnli": "QNLI"}
 MAIN = {"sts-b": "pearson", "sst-2": "accuracy", "mrpc": "f1", "rte": "accuracy", "qnli": "accuracy"}
 PAPER = {  # METHOD.md: BERT-base, mean of 5 runs (FP32, Q8BERT QAT, DQ)
@@ -55,23 +64,24 @@ def q8(*args: str) -> str:
     return done.stdout
 
 
-def run_folder(runs: Path, task: str, mode: str, seed: int, backend: str, delay: int = 100) -> Path:
-    """``{task}-{mode}[-d{delay}][-{backend}][-s{seed}]``: a QAT run with another --quant-delay than 100 has
-    its own folder, so runs of different settings never stand in for each other."""
-    qat_delay = f"-d{delay}" if mode == "qat" and delay != 100 else ""
-    return runs / (f"{task}-{mode}{qat_delay}" + ("" if backend == "torch" else f"-{backend}")
+def run_folder(runs: Path, task: str, mode: str, seed: int, backend: str, delay: int | str = 100) -> Path:
+    """``{task}-{mode}[-d{delay}|-from-fp32][-{backend}][-s{seed}]``: a QAT run with another --quant-delay
+    than 100, or from the FP32 run (``delay="from-fp32"``), has its own folder, so runs of different settings
+    never stand in for each other."""
+    variant = "" if mode != "qat" or delay == 100 else f"-{delay}" if delay == "from-fp32" else f"-d{delay}"
+    return runs / (f"{task}-{mode}{variant}" + ("" if backend == "torch" else f"-{backend}")
                    + ("" if seed == 42 else f"-s{seed}"))
 
 
-def train(folder: Path, task: str, mode: str, seed: int, backend: str, glue: Path, delay: int) -> dict:
+def train(folder: Path, task: str, mode: str, seed: int, backend: str, glue: Path, settings: list[str],
+          model: str | None = None) -> dict:
     results = folder / "eval_results.json"
     if not results.exists():
         if any(folder.glob("checkpoint-*/q8_checkpoint.json")):
             q8("run", "--resume", str(folder), "--quiet")
         else:
-            q8("run", "--backend", backend, "--task", task, "--mode", mode, "--seed", str(seed), *COMMON,
-               "--quant-delay", str(delay), *TRAIN[task],
-               "--model", minilm(), "--data-dir", str(glue / DATA[task]), "--output-dir", str(folder),
+            q8("run", "--backend", backend, "--task", task, "--mode", mode, "--seed", str(seed), *settings,
+               "--model", model or minilm(), "--data-dir", str(glue / DATA[task]), "--output-dir", str(folder),
                "--overwrite", "--quiet")
     return json.loads(results.read_text())
 
@@ -84,11 +94,17 @@ def cached_eval(cache: Path, *args: str) -> dict:
 
 def measure(task: str, seed: int, args) -> dict[str, dict]:
     runs, glue = Path(args.runs), Path(args.glue)
-    fp32_dir, qat_dir = (run_folder(runs, task, m, seed, args.backend, args.quant_delay) for m in ("fp32", "qat"))
+    variant = "from-fp32" if args.from_fp32 else args.quant_delay
+    fp32_dir, qat_dir = (run_folder(runs, task, m, seed, args.backend, variant) for m in ("fp32", "qat"))
     if args.no_train and not ((fp32_dir / "eval_results.json").exists() and (qat_dir / "eval_results.json").exists()):
         return {}
-    fp32, qat = (train(d, task, m, seed, args.backend, glue, args.quant_delay)
-                 for d, m in ((fp32_dir, "fp32"), (qat_dir, "qat")))
+    settings = [*COMMON, "--quant-delay", str(args.quant_delay), *TRAIN[task]]
+    fp32 = train(fp32_dir, task, "fp32", seed, args.backend, glue, settings)
+    if args.from_fp32:
+        qat = train(qat_dir, task, "qat", seed, args.backend, glue, SECOND_STAGE[task],
+                    model=str(fp32_dir / f"checkpoint-{fp32['step']}"))
+    else:
+        qat = train(qat_dir, task, "qat", seed, args.backend, glue, settings)
     data = str(glue / DATA[task])
     dq = cached_eval(fp32_dir / "dq_eval.json", "--checkpoint", str(fp32_dir / f"checkpoint-{fp32['step']}"),
                      "--mode", "dq", "--data-dir", data)
@@ -119,6 +135,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-train", action="store_true", help="only tabulate runs that already exist")
     parser.add_argument("--quant-delay", type=int, default=100,
                         help="FP32 steps before QAT quantizes (default 100, as bench/glue_runs.sh; FP32 runs ignore it)")
+    parser.add_argument("--from-fp32", action="store_true",
+                        help="QAT from the FP32 run's final checkpoint (one more epoch at 1e-5), not from MiniLM")
     parser.add_argument("--output", default="docs")
     args = parser.parse_args(argv)
 
@@ -132,11 +150,14 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(table, indent=2) + "\n")
     delay = "" if args.quant_delay == 100 else f" --quant-delay {args.quant_delay}"
+    qat = ("QAT as a second stage from the FP32 run's final checkpoint: one more epoch (SST-2: 200 steps) at "
+           "1e-5, quantizing from the first step" if args.from_fp32 else f"QAT after {args.quant_delay} FP32 steps")
     lines = ["# Accuracy: FP32, Q8BERT QAT, DQ and the int8 export on GLUE dev",
              "",
-             f"Written by `python bench/accuracy.py --tasks {args.tasks} --seeds {args.seeds}{delay}`: "
-             f"all-MiniLM-L6-v2 ({args.backend} backend), settings of `bench/glue_runs.sh` (learning rate 5e-5, "
-             f"QAT after {args.quant_delay} FP32 steps), final checkpoints; seeds {args.seeds} where their runs exist (mean ± std over seeds where several). The paper's BERT-base numbers "
+             f"Written by `python bench/accuracy.py --tasks {args.tasks} --seeds {args.seeds}{delay}"
+             f"{' --from-fp32' if args.from_fp32 else ''}`: "
+             f"all-MiniLM-L6-v2 ({args.backend} backend), settings of `bench/glue_runs.sh` (learning rate 5e-5; "
+             f"{qat}), final checkpoints; seeds {args.seeds} where their runs exist (mean ± std over seeds where several). The paper's BERT-base numbers "
              f"(mean of 5 runs) are beside them for reference — a different, larger model.",
              "",
              "| task | metric | steps | seeds | " + " | ".join(TITLES[c] for c in COLUMNS)
