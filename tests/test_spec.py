@@ -70,7 +70,7 @@ SPECS = [
     QuantSpec(),
     QuantSpec(mode="fp32"),
     QuantSpec(mode="dq", bits=4, ema_decay=0.9, quantize_embeddings=False, quantize_bias=False,
-              bias_bits=16, start_step=100),
+              bias_bits=16, start_step=100, float_inputs=[r"output\.dense$", "query"]),
 ]
 
 
@@ -78,7 +78,8 @@ SPECS = [
 def test_json_round_trip(spec):
     text = spec.to_json()
     data = json.loads(text)
-    assert data == {f.name: getattr(spec, f.name) for f in dataclasses.fields(QuantSpec)}
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(QuantSpec)}
+    assert data == {**fields, "float_inputs": list(spec.float_inputs)}  # a JSON list
     back = QuantSpec.from_json(text)
     assert back == spec
     assert QuantSpec.from_dict(spec.to_dict()) == spec
@@ -204,3 +205,32 @@ def test_load_invalid_json_names_path(tmp_path):
     with pytest.raises(Q8Error, match=r"q8_spec\.json: not valid JSON") as ei:
         QuantSpec.load(tmp_path)
     one_line(ei)
+
+
+# -- float_inputs (mixed precision, beyond the paper) --------------------------------------------------
+
+def test_float_inputs_round_trip_and_pick_layers_by_name():
+    s = QuantSpec(float_inputs=[r"layer\.\d+\.output\.dense$"])
+    assert s.float_inputs == (r"layer\.\d+\.output\.dense$",) and QuantSpec().float_inputs == ()
+    assert json.loads(s.to_json())["float_inputs"] == [r"layer\.\d+\.output\.dense$"]
+    assert QuantSpec.from_json(s.to_json()) == s
+    mixed = s.for_layer("bert.encoder.layer.3.output.dense")
+    assert (mixed.quantize_weights, mixed.quantize_activations, mixed.quantize_bias) == (True, False, False)
+    assert mixed.float_inputs == () and mixed.ema_decay == s.ema_decay and mixed.mode == s.mode
+    assert s.for_layer("bert.encoder.layer.3.attention.output.dense") is s  # "output.dense" not at the end
+    assert QuantSpec().for_layer("bert.encoder.layer.3.output.dense") == QuantSpec()
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("output", "must be a list of regular expressions"),
+    ([3], "must be a list of regular expressions"),
+    ([""], "must be a list of regular expressions"),
+    (["layer.(0"], "pattern 'layer.(0' is not a regular expression"),
+])
+def test_bad_float_inputs_are_named(value, problem):
+    with pytest.raises(Q8Error) as exc:
+        QuantSpec(float_inputs=value)
+    assert problem in one_line(exc)
+    with pytest.raises(Q8Error) as exc:
+        QuantSpec.from_json(json.dumps({"float_inputs": value}), where="my_spec.json")
+    assert one_line(exc).startswith("my_spec.json: float_inputs") and problem in one_line(exc)

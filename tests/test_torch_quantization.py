@@ -149,3 +149,30 @@ def test_quantize_model_swaps_every_linear_and_embedding_and_nothing_else(tiny_b
     assert sum(type(m) is nn.Linear for m in model.modules()) == 0
     assert sum(isinstance(m, nn.LayerNorm) for m in model.modules()) == n_layernorm
     assert set(model.state_dict()) == keys_before  # same names: a checkpoint loads either way
+
+
+def test_float_inputs_layers_take_float_inputs_and_int8_weights(tiny_bert):
+    """A layer ``float_inputs`` names computes x · FakeQuant(W)ᵀ + b (inputs and bias float32), the
+    others stay the reference's integer layer."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+    quantize_model(model, QuantSpec(ema_decay=0.9, float_inputs=[r"layer\.1\.output\.dense$"]))
+    layers = dict(quantized_modules(model))
+    mixed, full = layers["bert.encoder.layer.1.output.dense"], layers["bert.encoder.layer.0.output.dense"]
+    assert [n for n, m in layers.items() if isinstance(m, QuantizedLinear) and not m.spec.quantize_activations] \
+        == ["bert.encoder.layer.1.output.dense"]
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((2, 5, mixed.in_features)) * 3).astype(np.float32)
+    w, b = _np(mixed.weight), _np(mixed.bias)
+    mixed.train()
+    y = _np(mixed(torch.from_numpy(x)))
+    expected = x @ R.fake_quantize(w, R.get_scale(R.max_abs(w))).T + b
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5)
+    integer = R.linear_forward(x, w, b, R.max_abs(x))  # what the full scheme gives on the same input
+    assert np.abs(integer - expected).max() > 1e-3
+    assert mixed.input_ema.item() == 0.0  # no range is tracked for a float input
+    full.train()
+    x0 = (rng.standard_normal((2, 5, full.in_features))).astype(np.float32)
+    np.testing.assert_array_equal(_np(full(torch.from_numpy(x0))),
+                                  R.linear_forward(x0, _np(full.weight), _np(full.bias), R.max_abs(x0)))

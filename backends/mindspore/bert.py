@@ -22,7 +22,7 @@ from q8core.errors import Q8Error
 from q8core.spec import QuantSpec
 
 from . import cpu_kernels
-from .quantization import make_dense, make_embedding
+from .quantization import QuantDense, make_dense, make_embedding
 
 F32 = ms.float32
 SQRT1_2 = float(np.float32(1.0 / np.sqrt(2.0)))
@@ -298,10 +298,14 @@ class BertSelfAttention(nn.Cell):
         self.value = make_dense(h, h, spec)
         self.softmax = MaskedSoftmax(self.scaling)
         self.dropout = Dropout(config.attention_probs_dropout_prob)
-        # in QAT training the three projections quantize their common input once (QuantDense.lead/follow)
-        self.shared_input = all(getattr(cell, "shares_input", False) for cell in (self.query, self.key, self.value))
+        self.share_input()
         self.qk = ops.BatchMatMul(transpose_b=True)
         self.pv = ops.BatchMatMul()
+
+    def share_input(self) -> None:
+        """In QAT training the three projections quantize their common input once (QuantDense.lead/follow)
+        when all three quantize it; call again after reconfiguring them."""
+        self.shared_input = all(getattr(cell, "shares_input", False) for cell in (self.query, self.key, self.value))
 
     def _heads(self, x, b, s):
         return x.reshape(b, s, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
@@ -427,6 +431,13 @@ class BertForSequenceClassification(nn.Cell):
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = Dropout(dropout)
         self.classifier = make_dense(config.hidden_size, config.num_labels, spec)
+        if spec.float_inputs:  # each quantized Dense takes its own layer's spec (names are Hugging Face's)
+            for name, cell in self.cells_and_names():
+                if isinstance(cell, QuantDense):
+                    cell.configure(spec.for_layer(name))
+            for _, cell in self.cells_and_names():
+                if isinstance(cell, BertSelfAttention):
+                    cell.share_input()
 
     def construct(self, input_ids, attention_mask, token_type_ids, hidden_masks=None, probs_masks=None,
                   classifier_mask=None):

@@ -230,16 +230,21 @@ class QuantDense(Dense):
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, has_bias: bool = True) -> None:
         super().__init__(in_features, out_features, has_bias)
-        self.qmax, self.start_step, self.decay = spec.qmax, spec.start_step, ema_constants(spec.ema_decay)
-        self.q_weights, self.q_acts = spec.quantize_weights, spec.quantize_activations
-        self.dq = spec.mode == "dq"
-        self.integer = spec.quantize_weights and spec.quantize_activations and (spec.quantize_bias or not has_bias)
+        self.has_bias = has_bias
+        self.configure(spec)
         self.int_linear = IntegerLinear(spec.bias_qmax, has_bias)
         self.input_ema = Parameter(Tensor(np.float32(0.0), F32), name="input_ema", requires_grad=False)
         self.steps = Parameter(Tensor(0, ms.int32), name="steps", requires_grad=False)
         #: Data-parallel training (:func:`.parallel.sync_ranges`): the EMA takes the batch max|x| over all ranks.
         self.sync_ranges = False
         self.quant_phase = None  # see set_phase
+
+    def configure(self, spec: QuantSpec) -> None:
+        """Take ``spec``'s quantization settings (before the cell's graph is compiled)."""
+        self.qmax, self.start_step, self.decay = spec.qmax, spec.start_step, ema_constants(spec.ema_decay)
+        self.q_weights, self.q_acts = spec.quantize_weights, spec.quantize_activations
+        self.dq = spec.mode == "dq"
+        self.integer = spec.quantize_weights and spec.quantize_activations and (spec.quantize_bias or not self.has_bias)
 
     @property
     def shares_input(self) -> bool:

@@ -186,14 +186,16 @@ class QuantizedEmbedding(_QuantState, nn.Embedding):
 def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
     """Swap every ``nn.Linear`` (and, per the spec, ``nn.Embedding``) for its quantized twin, in place.
 
-    Everything else (LayerNorm, GELU, Softmax, the attention matmuls) stays float32.
+    Everything else (LayerNorm, GELU, Softmax, the attention matmuls) stays float32, and so do the
+    inputs of the linear layers the spec's ``float_inputs`` names.
     """
     if not spec.quantized:
         return model
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is nn.Linear and (spec.quantize_weights or spec.quantize_activations):
-                setattr(parent, child_name, QuantizedLinear.from_linear(child, spec))
+                name = f"{parent_name}.{child_name}" if parent_name else child_name
+                setattr(parent, child_name, QuantizedLinear.from_linear(child, spec.for_layer(name)))
             elif type(child) is nn.Embedding and spec.quantize_embeddings:
                 setattr(parent, child_name, QuantizedEmbedding.from_embedding(child, spec))
     return model
