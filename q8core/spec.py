@@ -86,6 +86,14 @@ class QuantSpec:
             return dataclasses.replace(self, quantize_activations=False, quantize_bias=False, float_inputs=())
         return self
 
+    def check_float_inputs(self, layer_names: list[str]) -> None:
+        """Refuse a ``float_inputs`` pattern that names none of the model's linear layers: a typo would
+        otherwise leave every layer quantized without a word."""
+        for pattern in self.float_inputs:
+            if not any(re.search(pattern, name) for name in layer_names):
+                raise Q8Error(f"float_inputs pattern {pattern!r} matches none of the model's linear layers "
+                              f"(their names look like {', '.join(layer_names[-3:])})")
+
     @property
     def quantized(self) -> bool:
         """Whether the model carries quantized modules at all."""

@@ -176,3 +176,14 @@ def test_float_inputs_layers_take_float_inputs_and_int8_weights(tiny_bert):
     x0 = (rng.standard_normal((2, 5, full.in_features))).astype(np.float32)
     np.testing.assert_array_equal(_np(full(torch.from_numpy(x0))),
                                   R.linear_forward(x0, _np(full.weight), _np(full.bias), R.max_abs(x0)))
+
+
+def test_a_float_inputs_pattern_that_names_no_layer_is_refused(tiny_bert):
+    from transformers import AutoModelForSequenceClassification
+
+    from q8core.errors import Q8Error
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+    with pytest.raises(Q8Error, match=r"float_inputs pattern 'ouput.*' matches none of the model's linear "
+                                      r"layers \(their names look like .*bert\.pooler\.dense, classifier\)"):
+        quantize_model(model, QuantSpec(float_inputs=["classifier", r"ouput\.dense"]))

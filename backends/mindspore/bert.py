@@ -432,6 +432,7 @@ class BertForSequenceClassification(nn.Cell):
         self.dropout = Dropout(dropout)
         self.classifier = make_dense(config.hidden_size, config.num_labels, spec)
         if spec.float_inputs:  # each quantized Dense takes its own layer's spec (names are Hugging Face's)
+            spec.check_float_inputs([name for name, cell in self.cells_and_names() if isinstance(cell, QuantDense)])
             for name, cell in self.cells_and_names():
                 if isinstance(cell, QuantDense):
                     cell.configure(spec.for_layer(name))

@@ -191,6 +191,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
     """
     if not spec.quantized:
         return model
+    spec.check_float_inputs([name for name, module in model.named_modules() if type(module) is nn.Linear])
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is nn.Linear and (spec.quantize_weights or spec.quantize_activations):
