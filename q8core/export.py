@@ -67,16 +67,13 @@ def export_onnx(backend, directory: Path, int8: bool, form: str = "ort") -> list
         if not (spec.quantize_weights and spec.quantize_activations and spec.quantize_bias) or spec.bits != 8:
             raise Q8Error("onnx-int8 exports the full 8-bit scheme (weights, activations, int32 bias, bits 8); "
                           "this checkpoint's quantizer spec differs")
-        if spec.float_inputs:
-            raise Q8Error(f"onnx-int8 does not export float_inputs layers yet (this checkpoint keeps "
-                          f"{', '.join(spec.float_inputs)} float32): export --format onnx or hf")
     with tempfile.TemporaryDirectory() as tmp:
         backend.export(Path(tmp), "hf")
         weights = load_file(str(Path(tmp) / "model.safetensors"))
         config_text = (Path(tmp) / "config.json").read_text(encoding="utf-8")
     ranges = backend.quant_state() if int8 else None
     model = build_model(weights, json.loads(config_text), ranges,
-                        quantize_embeddings=spec.quantize_embeddings, form=form)
+                        quantize_embeddings=spec.quantize_embeddings, form=form, float_inputs=spec.float_inputs)
     onnx.save(model, str(directory / ONNX_FILE))
     (directory / "config.json").write_text(config_text, encoding="utf-8")
     return [ONNX_FILE, "config.json"]

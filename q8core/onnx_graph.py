@@ -39,6 +39,7 @@ on a dev set.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -104,8 +105,9 @@ class _Graph:
 
 class _Builder:
     def __init__(self, weights: dict[str, np.ndarray], config: dict, ranges: dict[str, float] | None,
-                 quantize_embeddings: bool, form: str) -> None:
+                 quantize_embeddings: bool, form: str, float_inputs: tuple[str, ...] = ()) -> None:
         self.w = weights
+        self.float_inputs = float_inputs if ranges is not None else ()
         self.config = config
         self.ranges = ranges  # None: float32 graph
         self.quantize_embeddings = quantize_embeddings and ranges is not None
@@ -174,6 +176,27 @@ class _Builder:
         return (self.g.shared(f"{module}.input_scale", np.float32(1 / self.input_scale(module))),
                 self.g.shared(f"{module}.input_zero", np.uint8(128)))
 
+    def float_input(self, module: str) -> bool:
+        """Whether the spec's ``float_inputs`` keeps this layer's input float32 (weights int8)."""
+        return any(re.search(pattern, module) for pattern in self.float_inputs)
+
+    def weight_only_linear(self, module: str, x: str) -> str:
+        """A ``float_inputs`` layer: its int8 weight (the reference's values) times 1/S_W, a float32 MatMul
+        on the float32 input, the float32 bias.
+
+        Cast and Mul rather than DequantizeLinear: ONNX Runtime fuses DequantizeLinear -> MatMul into
+        ``MatMulNBits``, which by default quantizes the input to 8 bits on the fly (logits 1% off on the
+        tiny test model) -- the opposite of a float input. Cast and Mul of initializers fold into one
+        float32 weight when the session starts; the file keeps the int8 values."""
+        from onnx import TensorProto
+
+        g = self.g
+        weight, bias = self.weight(f"{module}.weight"), self.weight(f"{module}.bias")
+        s_w = reference.get_scale(reference.max_abs(weight))
+        w_q = g.const(f"{module}.weight_int8", np.ascontiguousarray(reference.quantize(weight, s_w).T))
+        w = g.op("Mul", [g.op("Cast", [w_q], to=TensorProto.FLOAT), g.const(f"{module}.weight_scale", np.float32(1 / s_w))])
+        return g.op("Add", [g.op("MatMul", [x, w]), g.const(f"{module}.bias", bias)])
+
     def linear(self, module: str, x: str, x_q: str | None = None, lower: float | None = None) -> str:
         """A fully connected layer: float32, or int8 in the builder's form. ``x_q``: the input
         already quantized (``ort`` form; Q, K and V share one ``QuantizeLinear``); ``lower``: see
@@ -183,6 +206,8 @@ class _Builder:
             weight, bias = self.weight(f"{module}.weight"), self.weight(f"{module}.bias")
             y = g.op("MatMul", [x, g.const(f"{module}.weight_t", np.ascontiguousarray(weight.T))])
             return g.op("Add", [y, g.const(f"{module}.bias", bias)])
+        if self.float_input(module):
+            return self.weight_only_linear(module, x)
         if not self.ort:
             return self.qdq_linear(module, x)
         x_q = x_q or self.quantize_input(module, x, lower)
@@ -243,10 +268,10 @@ class _Builder:
             # Q, K and V see the same input and so have the same EMA range: one QuantizeLinear feeds
             # the three integer kernels (layers whose ranges differ get their own)
             x_q = {}
-            for name in names:
+            for name in (n for n in names if not self.float_input(n)):
                 twin = next((other for other in x_q if self.input_scale(other) == self.input_scale(name)), None)
                 x_q[name] = x_q[twin] if twin else self.quantize_input(name, x)
-            q, k, v = (self.linear(name, x, x_q=x_q[name]) for name in names)
+            q, k, v = (self.linear(name, x, x_q=x_q.get(name)) for name in names)
             context = self.multi_head_attention(q, k, v, mask, heads)
         else:
             split = g.const(f"{prefix}.split_shape", np.array([0, 0, heads, head_dim], np.int64))
@@ -348,20 +373,22 @@ class _Builder:
 
 
 def build_model(weights: dict[str, np.ndarray], config: dict, ranges: dict[str, float] | None = None,
-                quantize_embeddings: bool = True, form: str = "ort"):
+                quantize_embeddings: bool = True, form: str = "ort", float_inputs: tuple[str, ...] = ()):
     """The ONNX model (``onnx.ModelProto``) of a BERT sequence classifier.
 
     ``weights``: a Hugging Face ``BertForSequenceClassification`` state dict; ``config``: its
     ``config.json`` as a dict; ``ranges``: the EMA of max|x| per fully connected layer (by module
     name) for the int8 graph, ``None`` for float32; ``form``: the int8 graph's form, ``"ort"``
-    (ONNX Runtime's fused ops, the fast one) or ``"qdq"`` (standard ONNX), see the module docstring.
+    (ONNX Runtime's fused ops, the fast one) or ``"qdq"`` (standard ONNX), see the module docstring;
+    ``float_inputs``: the spec's patterns of layers whose inputs stay float32 (int8 weights dequantized
+    into a float32 MatMul).
     """
     if form not in FORMS:
         raise Q8Error(f"ONNX export: unknown int8 form {form!r} (known: {', '.join(FORMS)})")
     num_labels = int(np.asarray(weights.get("classifier.weight", np.zeros((0, 0)))).shape[0])
     if not num_labels:
         raise Q8Error("ONNX export: the model has no classifier.weight (not a sequence classifier)")
-    return _Builder(weights, config, ranges, quantize_embeddings, form).build(num_labels)
+    return _Builder(weights, config, ranges, quantize_embeddings, form, tuple(float_inputs)).build(num_labels)
 
 
 def integer_kernels(model_path: str) -> dict[str, int]:

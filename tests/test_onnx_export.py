@@ -328,7 +328,7 @@ def test_the_standard_onnx_int8_form_exports_and_evaluates_alike(qat_run, capsys
     assert abs(results["int8"] - results["qdq"]) <= 1 / 64 + 1e-9
 
 
-def test_a_float_inputs_run_records_its_layers_and_onnx_int8_refuses_it(tiny_bert, sst2_dir, tmp_path, capsys):
+def test_a_float_inputs_run_exports_to_onnx_int8_with_those_layers_float(tiny_bert, sst2_dir, tmp_path, capsys):
     pattern = r"layer\.\d+\.output\.dense$"
     code, _, err = q8(run_args(tiny_bert, sst2_dir, tmp_path / "run", "--float-inputs", pattern, fast=True), capsys)
     assert code == 0, err
@@ -336,11 +336,55 @@ def test_a_float_inputs_run_records_its_layers_and_onnx_int8_refuses_it(tiny_ber
     assert QuantSpec.load(best).float_inputs == (pattern,)
     code, _, err = q8(["export", "--checkpoint", str(tmp_path / "run"), "--format", "onnx-int8",
                        "--output", str(tmp_path / "out")], capsys)
-    assert_one_line_error(code, err, "onnx-int8 does not export float_inputs layers", pattern, "--format onnx")
-    assert not (tmp_path / "out").exists()
-    code, out, err = q8(["export", "--checkpoint", str(tmp_path / "run"), "--format", "onnx",
-                         "--output", str(tmp_path / "fp32")], capsys)
-    assert code == 0 and (tmp_path / "fp32" / "model.onnx").exists(), err
+    assert code == 0, err
+    ops = integer_kernels(str(tmp_path / "out" / "model.onnx"))
+    assert ops.get("MatMulIntegerToFloat", 0) + 3 * ops.get("QAttention", 0) == 2 * LINEARS_PER_LAYER + 2 - 2, ops
+    code, out, err = q8(["eval", "--checkpoint", str(tmp_path / "out"), "--data-dir", str(sst2_dir), "--json"], capsys)
+    assert code == 0, err
+    onnx_metrics = json.loads(out.strip().splitlines()[-1])
+    code, out, err = q8(["eval", "--checkpoint", str(best), "--data-dir", str(sst2_dir), "--json"], capsys)
+    assert code == 0, err
+    assert onnx_metrics["accuracy"] == pytest.approx(json.loads(out.strip().splitlines()[-1])["accuracy"], abs=0.02)
+
+
+MIXED = (r"layer\.\d+\.output\.dense$", r"layer\.0\.attention\.self\.key")
+
+
+@pytest.mark.parametrize("form,float_inputs", [("ort", MIXED), ("qdq", MIXED), ("ort", (".",))])
+def test_float_inputs_layers_are_weight_only_int8_in_the_graph(tiny_bert, tmp_path, form, float_inputs):
+    """The layers ``float_inputs`` names: int8 weights (the reference's values) dequantized into a float32
+    MatMul on the float32 input; logits as the fake-quant model's, the others still on integer kernels."""
+    import torch
+
+    torch.manual_seed(0)
+    spec = QuantSpec(ema_decay=0.9, float_inputs=float_inputs)
+    backend = load_registry().backend("torch").from_pretrained(str(tiny_bert), labels=("0", "1"), spec=spec,
+                                                               device="cpu", seed=0)
+    backend.configure_optimizer(learning_rate=1e-3, weight_decay=0.01, warmup_steps=0, total_steps=4,
+                                adam_epsilon=1e-6, max_grad_norm=1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        backend.train_step({**_batch(rng, n=8), "labels": rng.integers(0, 2, 8)})
+    folder = tmp_path / "hf"
+    backend.export(folder, "hf")
+    weights = load_file(str(folder / "model.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    model = build_model(weights, config, backend.quant_state(), form=form, float_inputs=spec.float_inputs)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    w = weights["bert.encoder.layer.1.output.dense.weight"]
+    np.testing.assert_array_equal(inits["bert.encoder.layer.1.output.dense.weight_int8"],
+                                  reference.quantize(w, reference.get_scale(reference.max_abs(w))).T)
+    assert "bert.encoder.layer.1.output.dense.bias_int32" not in inits  # a float32 bias
+    batch = _batch(rng)
+    expected = backend.predict(batch)
+    got = _run(model, batch, tmp_path / "int8.onnx")
+    ops = integer_kernels(str(tmp_path / "int8.onnx"))
+    integer = sum(3 if op == "QAttention" else 1 for op in INTEGER_OPS for _ in range(ops.get(op, 0)))
+    # same int8 values; float32 differs only in the order of operations (and 1/S vs S)
+    np.testing.assert_allclose(got, expected, atol=2e-4 * np.abs(expected).max() + 1e-6)
+    assert "MatMulNBits" not in ops  # which would quantize the float inputs after all
+    # every input float (".") leaves no integer kernel; else two FFN outputs and layer 0's key are float
+    assert integer == (0 if float_inputs == (".",) else 2 * LINEARS_PER_LAYER + 2 - 3), ops
 
 
 def test_eval_takes_float_inputs_on_a_checkpoint_and_refuses_them_on_an_export(qat_run, capsys):
