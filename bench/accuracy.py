@@ -13,11 +13,11 @@ command itself:
     int8 ONNX  `q8 export --format onnx-int8` of the QAT run's final checkpoint, `q8 eval` on it
 
 and writes docs/accuracy.md (with the paper's BERT-base numbers beside) and docs/accuracy.png.
+QNLI has no training split here, so no QNLI model exists to evaluate; it is listed as such.
 
 ``--from-fp32`` makes the QAT column the two-stage recipe instead: QAT fine-tuning that starts from the
 same seed's final FP32 checkpoint (its task head included) for one more epoch (SST-2: 200 steps) at
 learning rate 1e-5, quantizing from the first step (``{task}-qat-from-fp32[-s{seed}]`` folders).
-QNLI has no training split here, so no QNLI model exists to evaluate; it is listed as such.
 """
 
 from __future__ import annotations
