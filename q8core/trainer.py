@@ -142,9 +142,8 @@ class Trainer:
 
     def _model_source(self) -> str:
         """``--model`` as a folder or hub id (a q8 run folder: its best checkpoint; a ModelZoo checkpoint
-        converted once, cached). Under a
-        launcher the first process of each machine converts it while the others wait, then they
-        find it in the cache."""
+        converted once, cached). Under a launcher the first process of each machine converts it while
+        the others wait, then they find it in the cache."""
         model = checkpoints.model_source(self.config.model)
         prepare = lambda: modelzoo.prepare_model(model, num_labels=self.task.num_labels)  # noqa: E731
         if not self.dist.enabled:
