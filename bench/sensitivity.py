@@ -32,9 +32,9 @@ import argparse
 import dataclasses
 import json
 import re
-import statistics
 import sys
 from pathlib import Path
+from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import DATA, MAIN, run_folder  # noqa: E402  (the run folders bench/accuracy.py makes)
@@ -149,10 +149,6 @@ def ranges(model: Model, rows: int) -> list[dict]:
                       "to zero": float((x < peak / 127 / 2).float().mean()),
                       "channel": int(x.max(0).values.argmax())})
     return table
-
-
-def mean(values) -> float:
-    return statistics.mean(values)
 
 
 def report(task: str, seeds: list[int], per_seed: list[dict], table: list[dict], command: str) -> list[str]:

@@ -230,7 +230,6 @@ class QuantDense(Dense):
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, has_bias: bool = True) -> None:
         super().__init__(in_features, out_features, has_bias)
-        self.has_bias = has_bias
         self.configure(spec)
         self.int_linear = IntegerLinear(spec.bias_qmax, has_bias)
         self.input_ema = Parameter(Tensor(np.float32(0.0), F32), name="input_ema", requires_grad=False)
