@@ -1,7 +1,8 @@
 """Accuracy of FP32, Q8BERT QAT, DQ and the int8 ONNX export on GLUE dev sets (not a test).
 
     python bench/accuracy.py [--tasks sts-b,sst-2] [--seeds 42] [--glue ../shared/glue] [--runs runs/glue]
-                             [--backend torch] [--quant-delay 100 | --from-fp32] [--no-train] [--output docs]
+                             [--backend torch] [--quant-delay 100 | --from-fp32] [--float-ffn-output]
+                             [--no-train] [--output docs]
 
 For each task and seed it makes (or reuses) two `q8 run` folders with all-MiniLM-L6-v2 — FP32 and QAT,
 settings as in bench/glue_runs.sh — resuming a run that was stopped, then measures with the `q8`
@@ -13,11 +14,16 @@ command itself:
     int8 ONNX  `q8 export --format onnx-int8` of the QAT run's final checkpoint, `q8 eval` on it
 
 and writes docs/accuracy.md (with the paper's BERT-base numbers beside) and docs/accuracy.png.
-QNLI has no training split here, so no QNLI model exists to evaluate; it is listed as such.
+MRPC and RTE (3 epochs) run on request (``--tasks sts-b,sst-2,mrpc,rte``). QNLI has no training split
+here, so no QNLI model exists to evaluate; it is listed as such.
 
 ``--from-fp32`` makes the QAT column the two-stage recipe instead: QAT fine-tuning that starts from the
 same seed's final FP32 checkpoint (its task head included) for one more epoch (SST-2: 200 steps) at
 learning rate 1e-5, quantizing from the first step (``{task}-qat-from-fp32[-s{seed}]`` folders).
+
+``--float-ffn-output`` keeps the inputs of the FFN output layers float32 (``q8 run --float-inputs
+'layer\.\d+\.output\.dense$'``, beyond the paper; weights stay 8-bit) in the QAT runs (``...-floatout``
+folders), in DQ (``q8 eval --mode dq --float-inputs ...``) and so in the int8 export.
 """
 
 from __future__ import annotations
@@ -33,13 +39,18 @@ from pathlib import Path
 TRAIN = {  # as bench/glue_runs.sh
     "sts-b": ["--epochs", "3", "--eval-steps", "180"],
     "sst-2": ["--max-steps", "600", "--train-batch-size", "32", "--eval-steps", "200"],
+    "mrpc": ["--epochs", "3", "--eval-steps", "230"],
+    "rte": ["--epochs", "3", "--eval-steps", "156"],
 }
 COMMON = ["--learning-rate", "5e-5"]  # every task, both modes (and --quant-delay, 100 unless --quant-delay)
 SECOND_STAGE = {  # --from-fp32: QAT from the FP32 run's final checkpoint
     "sts-b": ["--epochs", "1", "--eval-steps", "90", "--learning-rate", "1e-5", "--quant-delay", "0"],
     "sst-2": ["--max-steps", "200", "--train-batch-size", "32", "--eval-steps", "100", "--learning-rate", "1e-5",
               "--quant-delay", "0"],
+    "mrpc": ["--epochs", "1", "--eval-steps", "115", "--learning-rate", "1e-5", "--quant-delay", "0"],
+    "rte": ["--epochs", "1", "--eval-steps", "78", "--learning-rate", "1e-5", "--quant-delay", "0"],
 }
+FLOAT_FFN_OUTPUT = r"layer\.\d+\.output\.dense$"  # --float-ffn-output: the FFN output layers (HF names)
 DATA = {"sts-b": "STS-B", "sst-2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "qnli": "QNLI"}
 MAIN = {"sts-b": "pearson", "sst-2": "accuracy", "mrpc": "f1", "rte": "accuracy", "qnli": "accuracy"}
 PAPER = {  # METHOD.md: BERT-base, mean of 5 runs (FP32, Q8BERT QAT, DQ)
@@ -64,11 +75,13 @@ def q8(*args: str) -> str:
     return done.stdout
 
 
-def run_folder(runs: Path, task: str, mode: str, seed: int, backend: str, delay: int | str = 100) -> Path:
-    """``{task}-{mode}[-d{delay}|-from-fp32][-{backend}][-s{seed}]``: a QAT run with another --quant-delay
-    than 100, or from the FP32 run (``delay="from-fp32"``), has its own folder, so runs of different settings
-    never stand in for each other."""
+def run_folder(runs: Path, task: str, mode: str, seed: int, backend: str, delay: int | str = 100,
+               float_out: bool = False) -> Path:
+    """``{task}-{mode}[-d{delay}|-from-fp32][-floatout][-{backend}][-s{seed}]``: a QAT run with another
+    --quant-delay than 100, from the FP32 run (``delay="from-fp32"``) or with float FFN-output inputs
+    (``float_out``) has its own folder, so runs of different settings never stand in for each other."""
     variant = "" if mode != "qat" or delay == 100 else f"-{delay}" if delay == "from-fp32" else f"-d{delay}"
+    variant += "-floatout" if mode == "qat" and float_out else ""
     return runs / (f"{task}-{mode}{variant}" + ("" if backend == "torch" else f"-{backend}")
                    + ("" if seed == 42 else f"-s{seed}"))
 
@@ -95,19 +108,21 @@ def cached_eval(cache: Path, *args: str) -> dict:
 def measure(task: str, seed: int, args) -> dict[str, dict]:
     runs, glue = Path(args.runs), Path(args.glue)
     variant = "from-fp32" if args.from_fp32 else args.quant_delay
-    fp32_dir, qat_dir = (run_folder(runs, task, m, seed, args.backend, variant) for m in ("fp32", "qat"))
+    fp32_dir, qat_dir = (run_folder(runs, task, m, seed, args.backend, variant, args.float_ffn_output)
+                         for m in ("fp32", "qat"))
+    floats = ["--float-inputs", FLOAT_FFN_OUTPUT] if args.float_ffn_output else []
     if args.no_train and not ((fp32_dir / "eval_results.json").exists() and (qat_dir / "eval_results.json").exists()):
         return {}
     settings = [*COMMON, "--quant-delay", str(args.quant_delay), *TRAIN[task]]
     fp32 = train(fp32_dir, task, "fp32", seed, args.backend, glue, settings)
     if args.from_fp32:
-        qat = train(qat_dir, task, "qat", seed, args.backend, glue, SECOND_STAGE[task],
+        qat = train(qat_dir, task, "qat", seed, args.backend, glue, [*SECOND_STAGE[task], *floats],
                     model=str(fp32_dir / f"checkpoint-{fp32['step']}"))
     else:
-        qat = train(qat_dir, task, "qat", seed, args.backend, glue, settings)
+        qat = train(qat_dir, task, "qat", seed, args.backend, glue, [*settings, *floats])
     data = str(glue / DATA[task])
-    dq = cached_eval(fp32_dir / "dq_eval.json", "--checkpoint", str(fp32_dir / f"checkpoint-{fp32['step']}"),
-                     "--mode", "dq", "--data-dir", data)
+    dq = cached_eval(fp32_dir / ("dq_floatout_eval.json" if floats else "dq_eval.json"), "--checkpoint",
+                     str(fp32_dir / f"checkpoint-{fp32['step']}"), "--mode", "dq", *floats, "--data-dir", data)
     export = qat_dir.with_name(qat_dir.name + "-onnx-int8")
     if not (export / "q8_checkpoint.json").exists():
         q8("export", "--checkpoint", str(qat_dir / f"checkpoint-{qat['step']}"), "--format", "onnx-int8",
@@ -137,6 +152,8 @@ def main(argv=None) -> int:
                         help="FP32 steps before QAT quantizes (default 100, as bench/glue_runs.sh; FP32 runs ignore it)")
     parser.add_argument("--from-fp32", action="store_true",
                         help="QAT from the FP32 run's final checkpoint (one more epoch at 1e-5), not from MiniLM")
+    parser.add_argument("--float-ffn-output", action="store_true",
+                        help="QAT and DQ with the FFN output layers' inputs float32 (beyond the paper)")
     parser.add_argument("--output", default="docs")
     args = parser.parse_args(argv)
 
@@ -152,12 +169,14 @@ def main(argv=None) -> int:
     delay = "" if args.quant_delay == 100 else f" --quant-delay {args.quant_delay}"
     qat = ("QAT as a second stage from the FP32 run's final checkpoint: one more epoch (SST-2: 200 steps) at "
            "1e-5, quantizing from the first step" if args.from_fp32 else f"QAT after {args.quant_delay} FP32 steps")
+    floats = ("; QAT and DQ with the FFN output layers' inputs float32 (`--float-inputs "
+              f"'{FLOAT_FFN_OUTPUT}'`, beyond the paper; weights 8-bit)" if args.float_ffn_output else "")
     lines = ["# Accuracy: FP32, Q8BERT QAT, DQ and the int8 export on GLUE dev",
              "",
              f"Written by `python bench/accuracy.py --tasks {args.tasks} --seeds {args.seeds}{delay}"
-             f"{' --from-fp32' if args.from_fp32 else ''}`: "
+             f"{' --from-fp32' if args.from_fp32 else ''}{' --float-ffn-output' if args.float_ffn_output else ''}`: "
              f"all-MiniLM-L6-v2 ({args.backend} backend), settings of `bench/glue_runs.sh` (learning rate 5e-5; "
-             f"{qat}), final checkpoints; seeds {args.seeds} where their runs exist (mean ± std over seeds where several). The paper's BERT-base numbers "
+             f"{qat}{floats}), final checkpoints; seeds {args.seeds} where their runs exist (mean ± std over seeds where several). The paper's BERT-base numbers "
              f"(mean of 5 runs) are beside them for reference — a different, larger model.",
              "",
              "| task | metric | steps | seeds | " + " | ".join(TITLES[c] for c in COLUMNS)
