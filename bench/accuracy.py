@@ -194,12 +194,14 @@ def main(argv=None) -> int:
     lines += ["", "QNLI: only its dev split is available here (no training data), so there is no QNLI model "
               "to evaluate.", ""]
     (out / "accuracy.md").write_text("\n".join(lines))
-    plot(table, out / "accuracy.png")
+    recipe = ("QAT as a second stage" if args.from_fp32 else f"QAT after {args.quant_delay} FP32 steps") + (
+        "; FFN-output inputs float32" if args.float_ffn_output else "")
+    plot(table, out / "accuracy.png", recipe)
     print("\n".join(lines))
     return 0
 
 
-def plot(table: dict, path: Path) -> None:
+def plot(table: dict, path: Path, recipe: str) -> None:
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -217,7 +219,7 @@ def plot(table: dict, path: Path) -> None:
     low = min(100 * min(s[c][MAIN[t]] for s in table[t] for c in COLUMNS) for t in tasks) if tasks else 0
     ax.set_ylim(max(0, low - 10), 100)
     ax.set_ylabel("dev metric × 100")
-    ax.set_title("all-MiniLM-L6-v2 on GLUE dev: FP32 vs Q8BERT QAT vs DQ vs int8 ONNX")
+    ax.set_title(f"all-MiniLM-L6-v2 on GLUE dev: FP32, Q8BERT QAT, DQ, int8 ONNX\n({recipe})", fontsize=9)
     ax.legend(fontsize=8, loc="upper center", ncol=len(COLUMNS))
     fig.tight_layout()
     fig.savefig(str(path), dpi=100)
