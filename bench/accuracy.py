@@ -169,14 +169,14 @@ def main(argv=None) -> int:
     delay = "" if args.quant_delay == 100 else f" --quant-delay {args.quant_delay}"
     qat = ("QAT as a second stage from the FP32 run's final checkpoint: one more epoch (SST-2: 200 steps) at "
            "1e-5, quantizing from the first step" if args.from_fp32 else f"QAT after {args.quant_delay} FP32 steps")
-    floats = ("; QAT and DQ with the FFN output layers' inputs float32 (`--float-inputs "
-              f"'{FLOAT_FFN_OUTPUT}'`, beyond the paper; weights 8-bit)" if args.float_ffn_output else "")
+    float_note = ("; QAT and DQ with the FFN output layers' inputs float32 (`--float-inputs "
+                  f"'{FLOAT_FFN_OUTPUT}'`, beyond the paper; weights 8-bit)" if args.float_ffn_output else "")
     lines = ["# Accuracy: FP32, Q8BERT QAT, DQ and the int8 export on GLUE dev",
              "",
              f"Written by `python bench/accuracy.py --tasks {args.tasks} --seeds {args.seeds}{delay}"
              f"{' --from-fp32' if args.from_fp32 else ''}{' --float-ffn-output' if args.float_ffn_output else ''}`: "
              f"all-MiniLM-L6-v2 ({args.backend} backend), settings of `bench/glue_runs.sh` (learning rate 5e-5; "
-             f"{qat}{floats}), final checkpoints; seeds {args.seeds} where their runs exist (mean ± std over seeds where several). The paper's BERT-base numbers "
+             f"{qat}{float_note}), final checkpoints; seeds {args.seeds} where their runs exist (mean ± std over seeds where several). The paper's BERT-base numbers "
              f"(mean of 5 runs) are beside them for reference — a different, larger model.",
              "",
              "| task | metric | steps | seeds | " + " | ".join(TITLES[c] for c in COLUMNS)
