@@ -411,12 +411,10 @@ def eval_(ctx, checkpoint, model, task, backend, max_seq_length, data_dir, datas
         raise Q8Error(f"{path}: its labels {labels} do not fit task {task.name} ({task.labels})")
     backend_cls.check_device(device)
     spec = QuantSpec.load(path)
-    if mode is not None and manifest.get("export_format"):
-        raise Q8Error(f"{path} is an exported model ({manifest['export_format']}); it runs as exported, "
-                      f"--mode applies to checkpoints")
-    if float_inputs and manifest.get("export_format"):
-        raise Q8Error(f"{path} is an exported model ({manifest['export_format']}); it runs as exported, "
-                      f"--float-inputs applies to checkpoints")
+    for option, given in (("--mode", mode is not None), ("--float-inputs", bool(float_inputs))):
+        if given and manifest.get("export_format"):
+            raise Q8Error(f"{path} is an exported model ({manifest['export_format']}); it runs as exported, "
+                          f"{option} applies to checkpoints")
     if mode is not None:
         spec = dataclasses.replace(spec, mode=mode)
     if float_inputs:

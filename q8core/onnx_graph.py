@@ -39,12 +39,12 @@ on a dev set.
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 
 from . import reference
 from .errors import Q8Error
+from .spec import QuantSpec
 
 OPSET = 17  # LayerNormalization
 IR_VERSION = 9
@@ -107,7 +107,7 @@ class _Builder:
     def __init__(self, weights: dict[str, np.ndarray], config: dict, ranges: dict[str, float] | None,
                  quantize_embeddings: bool, form: str, float_inputs: tuple[str, ...] = ()) -> None:
         self.w = weights
-        self.float_inputs = float_inputs if ranges is not None else ()
+        self.float_spec = QuantSpec(float_inputs=float_inputs if ranges is not None else ())
         self.config = config
         self.ranges = ranges  # None: float32 graph
         self.quantize_embeddings = quantize_embeddings and ranges is not None
@@ -178,7 +178,7 @@ class _Builder:
 
     def float_input(self, module: str) -> bool:
         """Whether the spec's ``float_inputs`` keeps this layer's input float32 (weights int8)."""
-        return any(re.search(pattern, module) for pattern in self.float_inputs)
+        return self.float_spec.float_input(module)
 
     def weight_only_linear(self, module: str, x: str) -> str:
         """A ``float_inputs`` layer: its int8 weight (the reference's values) times 1/S_W, a float32 MatMul

@@ -79,10 +79,15 @@ class QuantSpec:
     def bias_qmax(self) -> int:
         return 2 ** (self.bias_bits - 1) - 1
 
+    def float_input(self, name: str) -> bool:
+        """Whether ``float_inputs`` keeps the input of the linear layer ``name`` (a Hugging Face module
+        name) float32."""
+        return any(re.search(pattern, name) for pattern in self.float_inputs)
+
     def for_layer(self, name: str) -> "QuantSpec":
-        """The spec of the linear layer ``name`` (a Hugging Face module name): inputs and bias float32 when
-        ``float_inputs`` matches it, else this spec."""
-        if any(re.search(pattern, name) for pattern in self.float_inputs):
+        """The spec of the linear layer ``name``: inputs and bias float32 when :meth:`float_input`, else
+        this spec."""
+        if self.float_input(name):
             return dataclasses.replace(self, quantize_activations=False, quantize_bias=False, float_inputs=())
         return self
 

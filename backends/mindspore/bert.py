@@ -432,11 +432,11 @@ class BertForSequenceClassification(nn.Cell):
         self.dropout = Dropout(dropout)
         self.classifier = make_dense(config.hidden_size, config.num_labels, spec)
         if spec.float_inputs:  # each quantized Dense takes its own layer's spec (names are Hugging Face's)
-            spec.check_float_inputs([name for name, cell in self.cells_and_names() if isinstance(cell, QuantDense)])
-            for name, cell in self.cells_and_names():
-                if isinstance(cell, QuantDense):
-                    cell.configure(spec.for_layer(name))
-            for _, cell in self.cells_and_names():
+            dense = [(name, cell) for name, cell in self.cells_and_names() if isinstance(cell, QuantDense)]
+            spec.check_float_inputs([name for name, _ in dense])
+            for name, cell in dense:
+                cell.configure(spec.for_layer(name))
+            for _, cell in self.cells_and_names():  # after the Q/K/V cells are configured
                 if isinstance(cell, BertSelfAttention):
                     cell.share_input()
 
