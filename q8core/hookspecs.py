@@ -24,6 +24,12 @@ def register_tasks(register):
 
 
 @hookspec
+def register_export_formats(register):
+    """Call ``register(export_format)`` for each :class:`q8core.export.ExportFormat`: a ``q8 export
+    --format`` built on any backend's ``hf`` export, with the backend that runs what it writes."""
+
+
+@hookspec
 def add_backend_options(parser):
     """Add a backend's own ``q8 run`` / ``q8 eval`` options: ``parser.group(backend_name).add(name,
     type=int, default=1, help=...)`` (see :mod:`q8core.options`)."""

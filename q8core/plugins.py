@@ -1,4 +1,4 @@
-"""The plugin manager: loads the ``q8bert`` entry points and collects backends and tasks.
+"""The plugin manager: loads the ``q8bert`` entry points and collects backends, tasks and export formats.
 
 Built-ins and third-party packages come through the same door: an entry point in the ``q8bert``
 group pointing at a module with ``@hookimpl`` functions. ``Q8_PLUGINS`` (comma-separated
@@ -36,11 +36,12 @@ class Registered:
 
 @dataclass
 class Registry:
-    """Backends and tasks of every loaded plugin, by name."""
+    """Backends, tasks and export formats of every loaded plugin, by name."""
 
     pm: pluggy.PluginManager
     backends: dict[str, Registered] = field(default_factory=dict)
     tasks: dict[str, Registered] = field(default_factory=dict)
+    export_formats: dict[str, Registered] = field(default_factory=dict)  # obj: q8core.export.ExportFormat
     options: list = field(default_factory=list)  # q8core.options.BackendOption, from add_backend_options
     failures: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)  # plugin name -> distribution version
@@ -59,6 +60,10 @@ class Registry:
         if key not in self.tasks:
             raise Q8Error(f"unknown task {name!r}; installed: {self._listing(self.tasks)}")
         return self.tasks[key].obj
+
+    def formats(self) -> dict:
+        """The plugins' export formats: name -> :class:`q8core.export.ExportFormat`."""
+        return {name: entry.obj for name, entry in self.export_formats.items()}
 
     def _listing(self, table: dict[str, Registered]) -> str:
         names = ", ".join(sorted(entry.name for entry in table.values())) or "none"
@@ -114,6 +119,23 @@ def _task_registrar(registry: Registry):
     return make_register
 
 
+def _format_registrar(registry: Registry):
+    from .export import ONNX_FORMATS, ExportFormat
+
+    def make_register(plugin: str, version: str):
+        def register(fmt: ExportFormat) -> None:
+            if not isinstance(fmt, ExportFormat) or not fmt.name:
+                raise Q8Error(f"plugin {plugin}: registered an export format that is no named ExportFormat")
+            if fmt.name in ONNX_FORMATS:
+                raise Q8Error(f"export format {fmt.name!r} is built in; plugin {plugin} cannot register it")
+            if fmt.name in registry.export_formats:
+                raise Q8Error(f"export format {fmt.name!r} is registered twice: by plugin "
+                              f"{registry.export_formats[fmt.name].plugin} and by plugin {plugin}")
+            registry.export_formats[fmt.name] = Registered(fmt.name, fmt, plugin, version)
+        return register
+    return make_register
+
+
 def _describe(exc: BaseException) -> str:
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {detail}".rstrip(": ")
@@ -144,6 +166,7 @@ def load_registry(extra_plugins: tuple[object, ...] = ()) -> Registry:
         pm.register(plugin)
     _call_each(registry, pm.hook.register_backends, _backend_registrar(registry))
     _call_each(registry, pm.hook.register_tasks, _task_registrar(registry))
+    _call_each(registry, pm.hook.register_export_formats, _format_registrar(registry))
     _add_options(registry)
     return registry
 

@@ -62,8 +62,34 @@ def test_example_runs_both_modes_and_summarises_them(backend, tiny_bert, tmp_pat
     fp32, _ = model_sizes(tmp_path / "hf" / "model.safetensors")  # the same architecture, as Hugging Face saves it
     onnx_bytes = (out / "qat-onnx-int8" / "model.onnx").stat().st_size
     assert (float(size[1]), float(size[3])) == (round(fp32 / 1e6, 1), round(onnx_bytes / 1e6, 1))
-    assert re.search(r"^latency, batch 1\s+[\d.]+ ms\s+[\d.]+ ms\s+[\d.]+ ms$", stdout, re.M)
+    # FP32 and int8 timed on one engine, at a stated sequence length
+    assert re.search(r"^latency \(b1, seq 64\)\s+[\d.]+ ms\s+-\s+[\d.]+ ms$", stdout, re.M), stdout
+    assert "on ONNX RT, batch 1 at sequence length 64 (padded)" in stdout and "both on the same engine" in stdout
+    assert "faster than FP32" not in stdout
+    assert (out / "fp32-onnx" / "model.onnx").is_file()
     assert "q8 run --task sts-b" in stdout  # the way to the paper's experiment
+
+
+def test_example_deploys_on_openvino_when_it_is_installed(tiny_bert, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("openvino")
+    fake_minilm(tiny_bert, tmp_path, monkeypatch)
+    monkeypatch.setenv("Q8_PLUGINS", "torch,glue,onnxruntime,openvino")
+    out = tmp_path / "example"
+    code, stdout, err = run_q8(["run", "--example", "--output-dir", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    registry = load_registry()
+    task = registry.task("sst-2")
+    int8 = registry.backend("openvino").from_checkpoint(out / "qat-openvino", spec=QuantSpec(), device="cpu")
+    dev = load_eval_sets(task, task.sample_dir, load_tokenizer(out / "qat-openvino"), 128)
+    row = re.search(r"^dev accuracy\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", stdout, re.M)
+    assert row and float(row[3]) == round(evaluate(int8, task, dev, 32, True)["accuracy"], 4), stdout
+    size = re.search(r"^model size\s+([\d.]+) MB\s+([\d.]+) MB\s+([\d.]+) MB$", stdout, re.M)
+    ir_bytes = sum((out / "qat-openvino" / name).stat().st_size for name in ("openvino_model.xml", "openvino_model.bin"))
+    assert float(size[3]) == round(ir_bytes / 1e6, 1)
+    assert re.search(r"^\s+FP32\s+Q8BERT QAT\s+int8 \(OpenVINO\)$", stdout, re.M), stdout
+    assert re.search(r"^latency \(b1, seq 64\)\s+[\d.]+ ms\s+-\s+[\d.]+ ms$", stdout, re.M), stdout
+    assert "on OpenVINO, batch 1 at sequence length 64 (padded)" in stdout
+    assert json.loads((out / "fp32-openvino-fp32" / "q8_checkpoint.json").read_text())["backend"] == "openvino"
 
 
 def test_example_without_onnx_runtime_says_so(tiny_bert, tmp_path, monkeypatch, capsys):
@@ -71,7 +97,7 @@ def test_example_without_onnx_runtime_says_so(tiny_bert, tmp_path, monkeypatch, 
     monkeypatch.setenv("Q8_PLUGINS", "torch,glue")  # as if onnxruntime were not installed
     code, stdout, err = run_q8(["run", "--example", "--output-dir", str(tmp_path / "ex"), "--quiet"], capsys)
     assert code == 0, err
-    assert "no int8 engine here" in stdout and "onnxruntime" in stdout
+    assert "no int8 engine here" in stdout and "onnxruntime" in stdout and "openvino" in stdout
     assert re.search(r"^dev accuracy\s+[\d.]+\s+[\d.]+\s+-$", stdout, re.M), stdout
 
 
