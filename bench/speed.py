@@ -15,13 +15,14 @@ For each model (BERT-base architecture with random weights, and all-MiniLM-L6-v2
     ov-fp32-bf16      the same model with the bf16 hint (float parts in bf16 where the CPU has it)
     q8's int8 exports (static QAT scales)
     q8-ort-int8       q8 export --format onnx-int8 on ONNX Runtime
-    q8-ov-int8        q8 export --format openvino on OpenVINO (the backend's default precision)
+    q8-ov-int8        q8 export --format openvino on OpenVINO, --ov-precision auto (float parts in bf16
+                      where the CPU has it, as the ov-fp32-bf16 peer)
 
 on the same random token ids (sequence length 128 at batch 1, 8 and 32; a sweep of 32..512 at batch
 1), the same thread count, engines interleaved round by round so machine noise hits all alike.
 Reports the median and the spread (min..max over rounds) in milliseconds, each engine's latency over
 the best peer's, and each model's size on disk. ``--clock both`` (the default) measures twice: wall
-clock at ``--threads`` threads, then the CPU time each call takes on one thread (the calling thread's
+clock at ``--threads`` threads and the CPU time each call takes on one thread (the calling thread's
 ``time.thread_time``: every engine here runs a one-thread call on it), which load on a shared machine
 barely moves. Prints the CPU, its vector extensions and the int8 GEMM floor (the model's fully
 connected MACs at the CPU's peak int8 rate) beside the results. Writes ``docs/speed.md``,
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
 
     name, extensions = cpu_description()
     ghz = cpu_ghz()
-    clocks = {"both": ("wall", "cpu"), "wall": ("wall",), "cpu": ("cpu",)}[args.clock]
+    clocks = {"both": ("cpu", "wall"), "wall": ("wall",), "cpu": ("cpu",)}[args.clock]
     results: dict = {"cpu": name, "extensions": extensions, "ghz": ghz, "threads": args.threads,
                      "rounds": args.rounds, "int8_macs_per_cycle": int8_macs_per_cycle(name, extensions), "runs": {}}
     print(f"{name} ({', '.join(extensions)}), {ghz:.2f} GHz", file=sys.stderr)

@@ -26,9 +26,9 @@ def cpu_has_bf16(core: ov.Core) -> bool:
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def compile_model(model, precision: str = "auto", threads: int = 0, core: ov.Core | None = None) -> ov.CompiledModel:
+def compile_model(model, precision: str = "f32", threads: int = 0, core: ov.Core | None = None) -> ov.CompiledModel:
     """``model`` (an ``ov.Model`` or the path of an IR) compiled for the CPU: ``precision`` for the float
-    parts (``auto``: bf16 where the CPU has it), ``threads`` inference threads (0: OpenVINO's default;
+    parts (``f32``, ``bf16``, or ``auto``: bf16 where the CPU has it), ``threads`` inference threads (0: OpenVINO's default;
     ``Q8_OV_THREADS`` overrides), one stream tuned for latency.
 
     Dynamic quantization is off: the CPU plugin would otherwise quantize the float input of a layer with
@@ -66,7 +66,7 @@ class OpenVINOBackend(Backend):
 
     @classmethod
     def check_options(cls, options: dict) -> None:
-        precision = options.get("ov_precision", "auto")
+        precision = options.get("ov_precision", "f32")
         if precision not in PRECISIONS:
             raise Q8Error(f"--ov-precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         if options.get("ov_threads", 0) < 0:
@@ -88,7 +88,7 @@ class OpenVINOBackend(Backend):
     def compiled(self) -> ov.CompiledModel:
         """The model compiled with this backend's options (on first use)."""
         if self._compiled is None:
-            self._compiled = compile_model(self.path, self.options.get("ov_precision", "auto"),
+            self._compiled = compile_model(self.path, self.options.get("ov_precision", "f32"),
                                            self.options.get("ov_threads", 0))
             self._request = self._compiled.create_infer_request()
         return self._compiled
