@@ -212,8 +212,6 @@ EXAMPLE_SETTINGS = dict(task="sst-2", epochs=3, learning_rate=1e-4, train_batch_
 #: the example's deployment engines, fastest first: (backend, FP32 format, int8 format, title)
 EXAMPLE_ENGINES = (("openvino", "openvino-fp32", "openvino", "OpenVINO"),
                    ("onnxruntime", "onnx", "onnx-int8", "ONNX RT"))
-#: the files of an export that hold the model (its size on disk)
-EXPORT_WEIGHT_FILES = ("model.onnx", "openvino_model.xml", "openvino_model.bin")
 EXAMPLE_QUANT_DELAY = 30  # MiniLM's pooler is untrained: see README, "The EMA and the delay"
 PAPER_COMMAND = "q8 run --task sts-b --output-dir runs/sts-b-q8bert   # BERT-base and GLUE from the hub"
 
@@ -319,13 +317,14 @@ def _example(backend: str, device: str, output_dir: Path, quiet: bool) -> None:
         try:
             name, fp32_format, int8_format, title = engine
             folders = {"fp32": output_dir / f"fp32-{fp32_format}", "int8": output_dir / f"qat-{int8_format}"}
+            written = {}
             for mode, fmt, source in (("fp32", fp32_format, "fp32"), ("int8", int8_format, "qat")):
                 checkpoint, manifest, exporter = _open_checkpoint(checkpoints_[source], registry)  # the trained one
-                _export(checkpoint, manifest, exporter, fmt, folders[mode], registry)
+                _, written[mode] = _export(checkpoint, manifest, exporter, fmt, folders[mode], registry)
             deployed = {mode: registry.backend(name).from_checkpoint(folder, spec=QuantSpec.load(folder), device="cpu")
                         for mode, folder in folders.items()}
             results["int8"] = evaluate(deployed["int8"], task, eval_sets, 32, True)[metric]
-            int8_bytes = sum(p.stat().st_size for p in folders["int8"].iterdir() if p.name in EXPORT_WEIGHT_FILES)
+            int8_bytes = sum((folders["int8"] / name).stat().st_size for name in written["int8"] if name != "config.json")
             config = json.loads((folders["int8"] / "config.json").read_text(encoding="utf-8"))
             seq = min(128, int(config.get("max_position_embeddings", 128)))
             one = {k: v[:, :seq] for k, v in next(batches(dev, np.arange(len(dev["labels"])), 1, trim=False)).items()
@@ -537,12 +536,13 @@ def export(checkpoint, fmt, output, overwrite):
     path, manifest, backend_cls = _open_checkpoint(checkpoint, registry)
     if output.exists() and not overwrite:
         raise Q8Error(f"--output {output} exists; pass --overwrite to replace it")
-    spec = _export(path, manifest, backend_cls, fmt, output, registry)
+    spec, _ = _export(path, manifest, backend_cls, fmt, output, registry)
     click.echo(f"exported {path} ({spec.mode}) as {fmt} to {output}")
 
 
-def _export(path: Path, manifest: dict, backend_cls, fmt: str, output: Path, registry) -> QuantSpec:
-    """Write checkpoint ``path`` in ``fmt`` to the folder ``output`` (atomically); returns its spec."""
+def _export(path: Path, manifest: dict, backend_cls, fmt: str, output: Path, registry) -> tuple[QuantSpec, list[str]]:
+    """Write checkpoint ``path`` in ``fmt`` to the folder ``output`` (atomically); returns its spec and the
+    model files the format wrote."""
     from q8core import export as exporting
 
     registered = registry.formats()
@@ -551,14 +551,14 @@ def _export(path: Path, manifest: dict, backend_cls, fmt: str, output: Path, reg
     backend = backend_cls.from_checkpoint(path, spec=spec, device="cpu")
     shared = exporting.shared_format(backend_cls, fmt, registered)
     with checkpoints.atomic_dir(output) as tmp:
-        exporting.export(backend, tmp, fmt, registered)
+        files = exporting.export(backend, tmp, fmt, registered)
         load_tokenizer(path).save_pretrained(str(tmp))
         spec.save(tmp)
         if shared is not None:  # q8 eval runs it through the format's engine
             info = {key: manifest.get(key) for key in ("task", "labels", "max_seq_length")}
             checkpoints.write_manifest(tmp, shared.engine, {**info, "exported_from": str(path),
                                                             "export_format": fmt})
-    return spec
+    return spec, files
 
 
 @cli.command()

@@ -138,18 +138,23 @@ def build_engines(source: str, work: Path, threads: int) -> tuple[dict, dict]:
     return engines, sizes
 
 
-def cpu_description() -> tuple[str, list[str]]:
-    """The CPU's model name and the int8/bf16 vector extensions it reports (Linux /proc/cpuinfo)."""
+def cpu_description() -> tuple[str, list[str], float]:
+    """The CPU's model name, the int8/bf16 vector extensions it reports and its clock in GHz (Linux
+    /proc/cpuinfo; elsewhere the platform's name, none, and 2 GHz)."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         import platform
 
-        return platform.processor() or platform.machine(), []
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+        return platform.processor() or platform.machine(), [], 2.0
+
+    def field(key: str) -> list[str]:
+        return [line.split(":", 1)[1].strip() for line in lines if line.startswith(key)]
+
+    flags = (field("flags") or [""])[0].split()
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return name, [f for f in wanted if f in flags]
+    mhz = [float(v) for v in field("cpu MHz")]
+    return (field("model name") or ["?"])[0], [f for f in wanted if f in flags], max(mhz) / 1000 if mhz else 2.0
 
 
 def int8_macs_per_cycle(name: str, extensions: list[str]) -> int:
@@ -167,15 +172,6 @@ def gemm_floor_ms(config: dict, batch: int, seq: int, cores: int, ghz: float, ma
     h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     macs = batch * seq * layers * (4 * h * h + 2 * h * i)
     return macs / (cores * ghz * 1e9 * macs_per_cycle) * 1000
-
-
-def cpu_ghz() -> float:
-    try:
-        mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
-               if line.startswith("cpu MHz")]
-        return max(mhz) / 1000 if mhz else 2.0
-    except OSError:
-        return 2.0
 
 
 def random_batch(rng, batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
@@ -219,8 +215,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="docs", help="folder for speed.md, speed.png, speed.json")
     args = parser.parse_args(argv)
 
-    name, extensions = cpu_description()
-    ghz = cpu_ghz()
+    name, extensions, ghz = cpu_description()
     clocks = {"both": ("cpu", "wall"), "wall": ("wall",), "cpu": ("cpu",)}[args.clock]
     results: dict = {"cpu": name, "extensions": extensions, "ghz": ghz, "threads": args.threads,
                      "rounds": args.rounds, "int8_macs_per_cycle": int8_macs_per_cycle(name, extensions), "runs": {}}

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("openvino")
-import openvino as ov  # noqa: E402
 
 from q8core import reference  # noqa: E402
 from q8core.export import hf_export  # noqa: E402
