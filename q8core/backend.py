@@ -74,6 +74,19 @@ class Backend(abc.ABC):
         """Raise :class:`Q8Error` (one line) for values of this backend's options it cannot use; ``options``
         holds those of the current command (``q8 run`` or ``q8 eval``), defaults filled in."""
 
+    #: Whether ``train_step`` takes a batch's ``teacher_logits`` into the loss (:meth:`set_distillation`).
+    distills = False
+
+    def set_distillation(self, weight: float, temperature: float) -> None:
+        """Train on ``(1 - weight) * task loss + weight * distillation term`` (:mod:`q8core.distillation`)
+        whenever a batch carries ``teacher_logits``."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_spec(cls, spec: QuantSpec) -> None:
+        """Raise :class:`Q8Error` (one line) for a quantizer spec this backend cannot run (it runs every
+        spec unless it says otherwise)."""
+
     def set_options(self, options: dict) -> None:
         """Receive this backend's options (declared through ``add_backend_options``), once, after
         construction and before training or prediction."""

@@ -46,6 +46,9 @@ class RunConfig:
     seed: int = 42
     overwrite: bool = False
     backend_options: dict = field(default_factory=dict)  # the backend's own options (q8core.options)
+    teacher: str | None = None  # distillation (q8core.distillation): the FP32 teacher's folder
+    distill_weight: float = 0.5  # the loss is (1 - w) * task loss + w * distillation term
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         positive = ("train_batch_size", "eval_batch_size", "max_seq_length", "logging_steps", "max_checkpoints")
@@ -64,6 +67,10 @@ class RunConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise Q8Error(f"--{name.replace('_', '-')} must be a non-negative number, got {value}")
+        if not (math.isfinite(self.distill_weight) and 0 < self.distill_weight <= 1):
+            raise Q8Error(f"--distill-weight must be in (0, 1], got {self.distill_weight}")
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            raise Q8Error(f"--distill-temperature must be a positive number, got {self.distill_temperature}")
         if not 0 <= self.warmup_ratio < 1:
             raise Q8Error(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         check_dataset_type(self.dataset_type)

@@ -51,6 +51,7 @@ def check_int8_spec(spec, fmt: str) -> None:
                       f"this checkpoint's quantizer spec differs")
 
 
+
 def hf_export(backend) -> tuple[dict, str]:
     """The backend's Hugging Face export: its state dict as NumPy arrays and its ``config.json`` text."""
     from safetensors.numpy import load_file
@@ -76,8 +77,8 @@ def export_onnx(backend, directory: Path, int8: bool, form: str = "ort") -> list
         check_int8_spec(spec, "onnx-int8-qdq" if form == "qdq" else "onnx-int8")
     weights, config_text = hf_export(backend)
     ranges = backend.quant_state() if int8 else None
-    model = build_model(weights, json.loads(config_text), ranges,
-                        quantize_embeddings=spec.quantize_embeddings, form=form, float_inputs=spec.float_inputs)
+    model = build_model(weights, json.loads(config_text), ranges, quantize_embeddings=spec.quantize_embeddings,
+                        form=form, float_inputs=spec.float_inputs, per_channel=spec.per_channel_weights)
     onnx.save(model, str(directory / ONNX_FILE))
     (directory / "config.json").write_text(config_text, encoding="utf-8")
     return [ONNX_FILE, "config.json"]

@@ -104,9 +104,11 @@ class _Graph:
 
 
 class _Builder:
-    def __init__(self, weights: dict[str, np.ndarray], config: dict, ranges: dict[str, float] | None,
-                 quantize_embeddings: bool, form: str, float_inputs: tuple[str, ...] = ()) -> None:
+    def __init__(self, weights: dict[str, np.ndarray], config: dict, ranges: dict | None,
+                 quantize_embeddings: bool, form: str, float_inputs: tuple[str, ...] = (),
+                 per_channel: bool = False) -> None:
         self.w = weights
+        self.per_channel = per_channel
         self.float_spec = QuantSpec(float_inputs=float_inputs if ranges is not None else ())
         self.config = config
         self.ranges = ranges  # None: float32 graph
@@ -132,26 +134,39 @@ class _Builder:
         return self.g.op("DequantizeLinear", [rows, self.g.const(f"{module}.weight_scale", np.float32(1 / scale)),
                                               self.g.const(f"{module}.weight_zero", np.int8(0))])
 
-    def input_scale(self, module: str) -> np.float32:
-        """S_x of a fully connected layer, from its EMA of max|x|."""
+    def input_params(self, module: str) -> tuple[np.float32, int | None]:
+        """(S_x, z) of a fully connected layer's input, from its EMA range: z ``None`` on the symmetric grid."""
         if module not in self.ranges:
             raise Q8Error(f"ONNX int8 export: layer {module} has no QAT activation range (EMA); was the "
                           f"checkpoint trained past its quantization delay?")
-        return reference.get_scale(self.ranges[module])
+        return reference.input_params(self.ranges[module])
+
+    def input_scale(self, module: str) -> np.float32:
+        return self.input_params(module)[0]
+
+    def int8_weight(self, module: str) -> tuple[str, str, str]:
+        """The layer's int8 weight (transposed to [in, out]), its scale(s) 1/S_W and zero point(s), as
+        initializers: one per tensor, or one per output column with per-channel weights."""
+        g = self.g
+        w_q, s_w = reference.quantize_weight(self.weight(f"{module}.weight"), per_channel=self.per_channel)
+        zero = np.zeros(s_w.shape, np.int8) if self.per_channel else np.int8(0)
+        return (g.const(f"{module}.weight_int8", np.ascontiguousarray(w_q.T)),
+                g.const(f"{module}.weight_scale", (np.float32(1) / s_w).astype(np.float32)),
+                g.const(f"{module}.weight_zero", zero))
 
     def int8_parameters(self, module: str) -> tuple[str, str, str, str]:
-        """The layer's int8 weight (transposed to [in, out]), its scale and zero point, and its bias
-        dequantized from int32: the reference's values, as initializers."""
+        """:meth:`int8_weight` and the bias dequantized from int32: the reference's values, as initializers."""
         g = self.g
-        weight, bias = self.weight(f"{module}.weight"), self.weight(f"{module}.bias")
-        s_x, s_w = self.input_scale(module), reference.get_scale(reference.max_abs(weight))
+        bias = self.weight(f"{module}.bias")
+        s_x = self.input_scale(module)
+        s_w = reference.quantize_weight(self.weight(f"{module}.weight"), per_channel=self.per_channel)[1]
         b_q = reference.quantize_bias(bias, s_w, s_x)
+        s_b = reference.bias_scale(s_w, s_x)
         bias_dq = g.op("DequantizeLinear", [g.const(f"{module}.bias_int32", b_q),
-                                            g.const(f"{module}.bias_scale", np.float32(1 / reference.bias_scale(s_w, s_x))),
-                                            g.const(f"{module}.bias_zero", np.int32(0))])
-        return (g.const(f"{module}.weight_int8", np.ascontiguousarray(reference.quantize(weight, s_w).T)),
-                g.const(f"{module}.weight_scale", np.float32(1 / s_w)),
-                g.const(f"{module}.weight_zero", np.int8(0)), bias_dq)
+                                            g.const(f"{module}.bias_scale", (np.float32(1) / s_b).astype(np.float32)),
+                                            g.const(f"{module}.bias_zero", np.zeros(s_b.shape, np.int32))],
+                       **({"axis": 0} if self.per_channel else {}))
+        return (*self.int8_weight(module), bias_dq)
 
     def quantize_input(self, module: str, x: str, lower: float | None = None) -> str:
         """``x_q = clamp(round(x * S_x), -127, 127) + 128`` as uint8 (``ort`` form).
@@ -167,14 +182,18 @@ class _Builder:
         """
         g = self.g
         x_q = g.op("QuantizeLinear", [x, *self.input_grid(module)])
+        if self.input_params(module)[1] is not None:  # the asymmetric grid: saturating to [0, 255] is its clamp
+            return x_q
         if lower is not None and lower * float(self.input_scale(module)) >= -reference.qmax(8):
             return x_q  # x >= lower quantizes to >= -127, half a step to spare for QuantizeLinear's 1/S_x
         return g.op("Clip", [x_q, g.shared("uint8_min", np.uint8(128 - reference.qmax(8)))])
 
     def input_grid(self, module: str) -> tuple[str, str]:
-        """The layer's input scale ``1/S_x`` and uint8 zero point 128, as initializers (added once)."""
-        return (self.g.shared(f"{module}.input_scale", np.float32(1 / self.input_scale(module))),
-                self.g.shared(f"{module}.input_zero", np.uint8(128)))
+        """The layer's input scale ``1/S_x`` and uint8 zero point (128 on the symmetric grid, z on the
+        asymmetric one), as initializers (added once)."""
+        s_x, zero_point = self.input_params(module)
+        return (self.g.shared(f"{module}.input_scale", np.float32(1 / s_x)),
+                self.g.shared(f"{module}.input_zero", np.uint8(128 if zero_point is None else zero_point)))
 
     def float_input(self, module: str) -> bool:
         """Whether the spec's ``float_inputs`` keeps this layer's input float32 (weights int8)."""
@@ -191,11 +210,9 @@ class _Builder:
         from onnx import TensorProto
 
         g = self.g
-        weight, bias = self.weight(f"{module}.weight"), self.weight(f"{module}.bias")
-        s_w = reference.get_scale(reference.max_abs(weight))
-        w_q = g.const(f"{module}.weight_int8", np.ascontiguousarray(reference.quantize(weight, s_w).T))
-        w = g.op("Mul", [g.op("Cast", [w_q], to=TensorProto.FLOAT), g.const(f"{module}.weight_scale", np.float32(1 / s_w))])
-        return g.op("Add", [g.op("MatMul", [x, w]), g.const(f"{module}.bias", bias)])
+        w_q, w_scale, _ = self.int8_weight(module)
+        w = g.op("Mul", [g.op("Cast", [w_q], to=TensorProto.FLOAT), w_scale])
+        return g.op("Add", [g.op("MatMul", [x, w]), g.const(f"{module}.bias", self.weight(f"{module}.bias"))])
 
     def linear(self, module: str, x: str, x_q: str | None = None, lower: float | None = None) -> str:
         """A fully connected layer: float32, or int8 in the builder's form. ``x_q``: the input
@@ -222,17 +239,21 @@ class _Builder:
     def qdq_linear(self, module: str, x: str) -> str:
         """The layer in standard QDQ form, which ONNX Runtime rewrites into ``MatMulIntegerToFloat``."""
         g = self.g
-        s_x = self.input_scale(module)
+        s_x, zero_point = self.input_params(module)
         x_scale = g.const(f"{module}.input_scale", np.float32(1 / s_x))
-        zero8 = g.const(f"{module}.input_zero", np.int8(0))
         # a Q -> DQ pair per layer, even where layers share an input (Q, K, V): ONNX Runtime rewrites
         # DQ -> MatMul into an integer kernel only when each node of the pair has one consumer
-        # clamp to the EMA range first: QuantizeLinear alone would saturate to -128, the method to -127
-        limit = np.float32(reference.qmax(8)) / s_x
-        x = g.op("Clip", [x, g.const(f"{module}.input_min", -limit), g.const(f"{module}.input_max", limit)])
-        x_dq = g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, x_scale, zero8]), x_scale, zero8])
+        if zero_point is None:
+            zero = g.const(f"{module}.input_zero", np.int8(0))
+            # clamp to the EMA range first: QuantizeLinear alone would saturate to -128, the method to -127
+            limit = np.float32(reference.qmax(8)) / s_x
+            x = g.op("Clip", [x, g.const(f"{module}.input_min", -limit), g.const(f"{module}.input_max", limit)])
+        else:  # uint8: saturating to [0, 255] is the grid's own clamp
+            zero = g.const(f"{module}.input_zero", np.uint8(zero_point))
+        x_dq = g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, x_scale, zero]), x_scale, zero])
         w_q, w_scale, w_zero, bias = self.int8_parameters(module)
-        return g.op("Add", [g.op("MatMul", [x_dq, g.op("DequantizeLinear", [w_q, w_scale, w_zero])]), bias])
+        w_dq = g.op("DequantizeLinear", [w_q, w_scale, w_zero], **({"axis": 1} if self.per_channel else {}))
+        return g.op("Add", [g.op("MatMul", [x_dq, w_dq]), bias])
 
     def layer_norm(self, module: str, x: str) -> str:
         # (ONNX Runtime 1.32's fused SkipLayerNormalization would take the residual Add in, but on
@@ -269,7 +290,7 @@ class _Builder:
             # the three integer kernels (layers whose ranges differ get their own)
             x_q = {}
             for name in (n for n in names if not self.float_input(n)):
-                twin = next((other for other in x_q if self.input_scale(other) == self.input_scale(name)), None)
+                twin = next((other for other in x_q if self.ranges[other] == self.ranges[name]), None)
                 x_q[name] = x_q[twin] if twin else self.quantize_input(name, x)
             q, k, v = (self.linear(name, x, x_q=x_q.get(name)) for name in names)
             context = self.multi_head_attention(q, k, v, mask, heads)
@@ -372,23 +393,27 @@ class _Builder:
         return model
 
 
-def build_model(weights: dict[str, np.ndarray], config: dict, ranges: dict[str, float] | None = None,
-                quantize_embeddings: bool = True, form: str = "ort", float_inputs: tuple[str, ...] = ()):
+def build_model(weights: dict[str, np.ndarray], config: dict, ranges: dict | None = None,
+                quantize_embeddings: bool = True, form: str = "ort", float_inputs: tuple[str, ...] = (),
+                per_channel: bool = False):
     """The ONNX model (``onnx.ModelProto``) of a BERT sequence classifier.
 
     ``weights``: a Hugging Face ``BertForSequenceClassification`` state dict; ``config``: its
     ``config.json`` as a dict; ``ranges``: the EMA of max|x| per fully connected layer (by module
-    name) for the int8 graph, ``None`` for float32; ``form``: the int8 graph's form, ``"ort"``
+    name; a ``(min, max)`` pair for an input on the asymmetric grid) for the int8 graph, ``None`` for
+    float32; ``form``: the int8 graph's form, ``"ort"``
     (ONNX Runtime's fused ops, the fast one) or ``"qdq"`` (standard ONNX), see the module docstring;
     ``float_inputs``: the spec's patterns of layers whose inputs stay float32 (int8 weights dequantized
-    into a float32 MatMul).
+    into a float32 MatMul); ``per_channel``: one weight scale per output row (the spec's
+    ``per_channel_weights``).
     """
     if form not in FORMS:
         raise Q8Error(f"ONNX export: unknown int8 form {form!r} (known: {', '.join(FORMS)})")
     num_labels = int(np.asarray(weights.get("classifier.weight", np.zeros((0, 0)))).shape[0])
     if not num_labels:
         raise Q8Error("ONNX export: the model has no classifier.weight (not a sequence classifier)")
-    return _Builder(weights, config, ranges, quantize_embeddings, form, tuple(float_inputs)).build(num_labels)
+    return _Builder(weights, config, ranges, quantize_embeddings, form, tuple(float_inputs),
+                    per_channel).build(num_labels)
 
 
 def integer_kernels(model_path: str) -> dict[str, int]:

@@ -198,8 +198,8 @@ def read_metrics_log(path: Path) -> tuple[list[dict], list[dict]]:
                 if not _is_number(record.get(key)):
                     raise Q8Error(f"{where}: train record without a numeric {key!r}")
             ema = record.get("ema", {})
-            if not isinstance(ema, dict) or not all(_is_number(v) for v in ema.values()):
-                raise Q8Error(f"{where}: 'ema' is not an object of numbers")
+            if not isinstance(ema, dict) or not all(_is_range(v) for v in ema.values()):
+                raise Q8Error(f"{where}: 'ema' is not an object of ranges (numbers, or [min, max] pairs)")
             train.append(record)
         elif kind == "eval":
             values = {k: v for k, v in record.items() if k not in _NOT_METRICS}
@@ -382,10 +382,14 @@ def ema_figure(runs: Sequence[RunLog]):
     for ax, layer in zip(axes, layers):
         for i, run in enumerate(runs):
             points = [(r["step"], r["ema"][layer]) for r in run.ema_records() if layer in r["ema"]]
-            if points:
+            if points and isinstance(points[0][1], list):  # asymmetric grid: max solid, min dashed
+                ax.plot([s for s, _ in points], [v[1] for _, v in points], color=f"C{i}", label=run.label,
+                        **_style(len(points)))
+                ax.plot([s for s, _ in points], [v[0] for _, v in points], color=f"C{i}", linestyle="--")
+            elif points:
                 ax.plot(*zip(*points), color=f"C{i}", label=run.label, **_style(len(points)))
         ax.set_title(layer.removeprefix("bert."), fontsize=9)
-        ax.set(xlabel="step", ylabel="EMA of max|input|")
+        ax.set(xlabel="step", ylabel="EMA of max|input| (or min, max)")
         ax.ticklabel_format(axis="y", useOffset=False)  # with decay 0.9999 the ranges barely move
     fig.suptitle("Activation ranges (EMA of the input's max |x|; 8-bit scale = 127 / EMA)", fontsize=10)
     _legend(fig, axes)
@@ -406,9 +410,16 @@ def _png(fig) -> bytes:
 
 
 # -- report.md -----------------------------------------------------------------------------------
+def _is_range(value: Any) -> bool:
+    """An activation range as the trainer logs it: max|x|, or [min x, max x] on the asymmetric grid."""
+    return _is_number(value) or (isinstance(value, list) and len(value) == 2 and all(map(_is_number, value)))
+
+
 def _cell(value: Any, digits: int | None = 4) -> str:
     if value is None:
         return "—"
+    if isinstance(value, list) and digits is not None and _is_range(value):
+        return f"{value[0]:.{digits}f} .. {value[1]:.{digits}f}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and digits is not None:
@@ -485,7 +496,8 @@ def render_markdown(runs: Sequence[RunLog], figures: Sequence[str]) -> str:
                 "metrics": "Dev metrics at each evaluation (★: best main metric, the checkpoint kept as best)",
                 "learning_rate": "Learning rate (linear warm-up, then linear decay)",
                 "ema": "QAT activation ranges of a few layers: the EMA of each input's max |x|, whose 8-bit "
-                       "scale is 127 / EMA (embeddings quantize only their weights: their inputs are token ids)"}
+                       "scale is 127 / EMA (on the asymmetric grid the EMAs of max x, solid, and min x, dashed; "
+                       "embeddings quantize only their weights: their inputs are token ids)"}
     if figures:
         lines += ["## Figures", ""]
         for key in figures:

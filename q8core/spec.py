@@ -24,6 +24,10 @@ MODES = ("qat", "fp32", "dq")
 
 SPEC_FILE = "q8_spec.json"
 
+#: The grid of a quantized input: ``symmetric`` (the paper: int8 in [-qmax, qmax], zero point 0, range
+#: max|x|) or ``asymmetric`` (uint8 in [0, 2^bits - 1] with a zero point, range [min x, max x]).
+GRIDS = ("symmetric", "asymmetric")
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -42,19 +46,20 @@ class QuantSpec:
     #: whose inputs stay float32 -- their weights stay 8-bit, their bias float32 (mixed precision). Q8BERT
     #: itself quantizes every input: ``()``.
     float_inputs: tuple[str, ...] = ()
+    #: Beyond the paper: the grid of every quantized input (:data:`GRIDS`), and name patterns (as
+    #: ``float_inputs``) of layers whose inputs take the asymmetric grid whatever ``activation_grid`` says
+    #: (e.g. ``'output\.dense$'``: GELU's output, which is almost never negative).
+    activation_grid: str = "symmetric"
+    asymmetric_inputs: tuple[str, ...] = ()
+    #: Beyond the paper: one weight scale per output row of each linear layer (embeddings stay per tensor).
+    per_channel_weights: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.float_inputs, str) or not isinstance(self.float_inputs, (list, tuple)) \
-                or not all(isinstance(p, str) and p for p in self.float_inputs):
-            raise Q8Error(f"quantizer spec: float_inputs must be a list of regular expressions on module "
-                          f"names, got {self.float_inputs!r}")
-        for pattern in self.float_inputs:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise Q8Error(f"quantizer spec: float_inputs pattern {pattern!r} is not a regular expression "
-                              f"({exc})") from None
-        object.__setattr__(self, "float_inputs", tuple(self.float_inputs))
+        for field_name in ("float_inputs", "asymmetric_inputs"):
+            object.__setattr__(self, field_name, _patterns(field_name, getattr(self, field_name)))
+        if self.activation_grid not in GRIDS:
+            raise Q8Error(f"quantizer spec: activation_grid {self.activation_grid!r} is not one of "
+                          f"{', '.join(GRIDS)}")
         if self.mode not in MODES:
             raise Q8Error(f"quantizer spec: mode {self.mode!r} is not one of {', '.join(MODES)}")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -66,7 +71,8 @@ class QuantSpec:
             raise Q8Error(f"quantizer spec: ema_decay must be in (0, 1), got {self.ema_decay!r}")
         if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
             raise Q8Error(f"quantizer spec: start_step must be a non-negative integer, got {self.start_step!r}")
-        for name in ("quantize_embeddings", "quantize_weights", "quantize_activations", "quantize_bias"):
+        for name in ("quantize_embeddings", "quantize_weights", "quantize_activations", "quantize_bias",
+                     "per_channel_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise Q8Error(f"quantizer spec: {name} must be true or false, got {getattr(self, name)!r}")
 
@@ -84,20 +90,46 @@ class QuantSpec:
         name) float32."""
         return any(re.search(pattern, name) for pattern in self.float_inputs)
 
+    def grid(self, name: str) -> str:
+        """The grid of the linear layer ``name``'s input: ``asymmetric`` where ``activation_grid`` says so
+        or an ``asymmetric_inputs`` pattern matches, else ``symmetric``."""
+        if self.activation_grid == "asymmetric" or any(re.search(p, name) for p in self.asymmetric_inputs):
+            return "asymmetric"
+        return "symmetric"
+
+    @property
+    def grid_extensions(self) -> list[str]:
+        """``"field value"`` for each grid option beyond the paper this spec sets (asymmetric inputs, per-channel
+        weights): what a backend or export that implements only the paper's grid names when it refuses."""
+        paper = QuantSpec()
+        return [f"{name} {getattr(self, name)!r}" for name in ("activation_grid", "asymmetric_inputs",
+                                                              "per_channel_weights")
+                if getattr(self, name) != getattr(paper, name)]
+
+    @property
+    def asymmetric(self) -> bool:
+        """Whether this (per-layer, see :meth:`for_layer`) spec quantizes inputs on the asymmetric grid."""
+        return self.quantize_activations and self.activation_grid == "asymmetric"
+
     def for_layer(self, name: str) -> "QuantSpec":
-        """The spec of the linear layer ``name``: inputs and bias float32 when :meth:`float_input`, else
-        this spec."""
+        """The spec of the linear layer ``name``, its patterns resolved: inputs and bias float32 when
+        :meth:`float_input`, the input's grid from :meth:`grid`."""
         if self.float_input(name):
-            return dataclasses.replace(self, quantize_activations=False, quantize_bias=False, float_inputs=())
-        return self
+            return dataclasses.replace(self, quantize_activations=False, quantize_bias=False, float_inputs=(),
+                                       asymmetric_inputs=(), activation_grid="symmetric")
+        # the patterns stay (harmless: a layer's spec asks only ``activation_grid``), so an unmatched layer
+        # shares this spec object
+        grid = self.grid(name)
+        return self if grid == self.activation_grid else dataclasses.replace(self, activation_grid=grid)
 
     def check_float_inputs(self, layer_names: list[str]) -> None:
-        """Refuse a ``float_inputs`` pattern that names none of the model's linear layers: a typo would
-        otherwise leave every layer quantized without a word."""
-        for pattern in self.float_inputs:
-            if not any(re.search(pattern, name) for name in layer_names):
-                raise Q8Error(f"float_inputs pattern {pattern!r} matches none of the model's linear layers "
-                              f"(their names look like {', '.join(layer_names[-3:])})")
+        """Refuse a ``float_inputs`` or ``asymmetric_inputs`` pattern that names none of the model's linear
+        layers: a typo would otherwise leave every layer as it was without a word."""
+        for field_name in ("float_inputs", "asymmetric_inputs"):
+            for pattern in getattr(self, field_name):
+                if not any(re.search(pattern, name) for name in layer_names):
+                    raise Q8Error(f"{field_name} pattern {pattern!r} matches none of the model's linear layers "
+                                  f"(their names look like {', '.join(layer_names[-3:])})")
 
     @property
     def quantized(self) -> bool:
@@ -106,7 +138,8 @@ class QuantSpec:
 
     # -- JSON round trip -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "float_inputs": list(self.float_inputs)}
+        return {**dataclasses.asdict(self), "float_inputs": list(self.float_inputs),
+                "asymmetric_inputs": list(self.asymmetric_inputs)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -145,3 +178,18 @@ class QuantSpec:
         except FileNotFoundError:
             raise Q8Error(f"{path}: missing quantizer spec (is {directory} a q8 checkpoint?)") from None
         return cls.from_json(text, where=str(path))
+
+
+def _patterns(field_name: str, value: Any) -> tuple[str, ...]:
+    """``value`` as a tuple of regular expressions on module names, or a one-line error naming the field."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) \
+            or not all(isinstance(p, str) and p for p in value):
+        raise Q8Error(f"quantizer spec: {field_name} must be a list of regular expressions on module names, "
+                      f"got {value!r}")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise Q8Error(f"quantizer spec: {field_name} pattern {pattern!r} is not a regular expression "
+                          f"({exc})") from None
+    return tuple(value)

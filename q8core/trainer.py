@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoints, distributed, modelzoo, options, records
+from . import checkpoints, distillation, distributed, modelzoo, options, records
 from .callbacks import METRICS_LOG, MetricsLog, ProgressBar
 from .config import RUN_CONFIG_FILE, RunConfig
 from .errors import Q8Error
@@ -65,6 +65,10 @@ class Trainer:
             config.backend_options, options.for_backend(registry.options, self.backend_cls.name),
             self.backend_cls.name, where=RUN_CONFIG_FILE)
         self.backend_cls.check_options(self.backend_options)
+        self.backend_cls.check_spec(config.spec)
+        if config.teacher and not self.backend_cls.distills:
+            raise Q8Error(f"backend '{self.backend_cls.name}' cannot train with a --teacher yet; use --backend torch")
+        self.teacher = None  # the distillation teacher (q8core.distillation), loaded with the data
         self.config = config = dataclasses.replace(config, backend_options=self.backend_options)  # defaults stored too
         self.spec = config.spec
         self.output_dir = Path(config.output_dir)
@@ -138,6 +142,10 @@ class Trainer:
             backend = self.backend_cls.from_pretrained(source, labels=self.task.labels, spec=self.spec,
                                                        device=self.device, seed=cfg.seed)
         backend.set_options(self.backend_options)
+        if cfg.teacher:
+            self.teacher = distillation.open_teacher(cfg.teacher, self.task, self.registry, self.backend_cls,
+                                                     self.device, len(tokenizer))
+            backend.set_distillation(cfg.distill_weight, cfg.distill_temperature)
         return tokenizer, train_arrays, eval_sets, backend
 
     def _model_source(self) -> str:
@@ -314,6 +322,12 @@ class Trainer:
         for stale in self.output_dir.glob(".checkpoint-*.tmp-*"):  # a write the kill interrupted
             shutil.rmtree(stale, ignore_errors=True)
 
+    def _taught(self, batch: dict) -> dict:
+        """``batch`` with the teacher's logits on it, when the run distils."""
+        if self.teacher is None:
+            return batch
+        return {**batch, "teacher_logits": self.teacher.predict(batch)}
+
     def _elapsed(self) -> float:
         return self._elapsed_before + time.perf_counter() - self._started
 
@@ -340,9 +354,9 @@ class Trainer:
                 lr = self.backend.learning_rate()
                 if dist.enabled:
                     part, weight = distributed.shard(batch, dist.rank, dist.world_size)
-                    self._losses.append(self.backend.train_step_shard(part, weight=weight))
+                    self._losses.append(self.backend.train_step_shard(self._taught(part), weight=weight))
                 else:
-                    self._losses.append(self.backend.train_step(batch))
+                    self._losses.append(self.backend.train_step(self._taught(batch)))
                 self.step += 1
                 self._batch_in_epoch = index + 1
                 last = self.step == self.total_steps

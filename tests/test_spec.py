@@ -79,7 +79,8 @@ def test_json_round_trip(spec):
     text = spec.to_json()
     data = json.loads(text)
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(QuantSpec)}
-    assert data == {**fields, "float_inputs": list(spec.float_inputs)}  # a JSON list
+    assert data == {**fields, "float_inputs": list(spec.float_inputs),
+                    "asymmetric_inputs": list(spec.asymmetric_inputs)}  # JSON lists
     back = QuantSpec.from_json(text)
     assert back == spec
     assert QuantSpec.from_dict(spec.to_dict()) == spec

@@ -187,3 +187,82 @@ def test_a_float_inputs_pattern_that_names_no_layer_is_refused(tiny_bert):
     with pytest.raises(Q8Error, match=r"float_inputs pattern 'ouput.*' matches none of the model's linear "
                                       r"layers \(their names look like .*bert\.pooler\.dense, classifier\)"):
         quantize_model(model, QuantSpec(float_inputs=["classifier", r"ouput\.dense"]))
+
+
+# -- beyond the paper: asymmetric inputs, per-channel weights ---------------------------------------
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_asymmetric_linear_matches_reference_bit_for_bit(per_channel):
+    rng = np.random.default_rng(5)
+    base = _linear()
+    spec = QuantSpec(ema_decay=0.9, activation_grid="asymmetric", per_channel_weights=per_channel)
+    layer = QuantizedLinear.from_linear(base, spec).train()
+    lo = hi = None
+    # GELU-like inputs: mostly small, never far below zero, a few large values
+    for x in [np.maximum(x, -0.17) for x in _inputs(rng)]:
+        y = layer(torch.from_numpy(x))
+        lo = R.ema_update(lo, R.min_max(x)[0], spec.ema_decay)
+        hi = R.ema_update(hi, R.min_max(x)[1], spec.ema_decay)
+        assert (np.float32(layer.input_min.item()), np.float32(layer.input_max.item())) == (lo, hi)
+        expected = R.linear_forward(x, _np(base.weight), _np(base.bias), (lo, hi), per_channel=per_channel)
+        np.testing.assert_array_equal(_np(y), expected)
+    layer.eval()
+    x = _inputs(rng, scales=(5.0,))[0]  # inference clamps to the stored range, below zero too
+    np.testing.assert_array_equal(_np(layer(torch.from_numpy(x))),
+                                  R.linear_forward(x, _np(base.weight), _np(base.bias), (lo, hi),
+                                                   per_channel=per_channel))
+    assert layer.input_range() == (float(lo), float(hi))
+
+
+def test_per_channel_symmetric_linear_matches_reference_and_differs_from_per_tensor():
+    rng = np.random.default_rng(6)
+    base = _linear()
+    with torch.no_grad():
+        base.weight[3] *= 20.0  # one large row: per tensor, the other rows lose most of their codes
+    x = _inputs(rng, scales=(1.0,))[0]
+    out = {}
+    for per_channel in (False, True):
+        layer = QuantizedLinear.from_linear(base, QuantSpec(per_channel_weights=per_channel)).train()
+        out[per_channel] = _np(layer(torch.from_numpy(x)))
+        np.testing.assert_array_equal(out[per_channel], R.linear_forward(
+            x, _np(base.weight), _np(base.bias), R.max_abs(x), per_channel=per_channel))
+    exact = x @ _np(base.weight).T + _np(base.bias)
+    rest = [j for j in range(16) if j != 3]
+    assert np.abs(out[True] - exact)[..., rest].max() < 0.5 * np.abs(out[False] - exact)[..., rest].max()
+
+
+def test_asymmetric_dq_uses_each_batch_min_and_max():
+    rng = np.random.default_rng(7)
+    base = _linear()
+    layer = QuantizedLinear.from_linear(base, QuantSpec(mode="dq", activation_grid="asymmetric")).eval()
+    for x in _inputs(rng, scales=(1.0, 4.0)):
+        x = np.abs(x) - 0.1
+        np.testing.assert_array_equal(_np(layer(torch.from_numpy(x))), R.linear_forward(
+            x, _np(base.weight), _np(base.bias), R.min_max(x)))
+
+
+def test_asymmetric_gradients_are_straight_through_on_the_dequantized_grid():
+    rng = np.random.default_rng(8)
+    base = _linear()
+    spec = QuantSpec(activation_grid="asymmetric", per_channel_weights=True)
+    layer = QuantizedLinear.from_linear(base, spec).train()
+    x = torch.from_numpy(np.abs(_inputs(rng, scales=(1.0,))[0]) - 0.05).requires_grad_()
+    layer(x).sum().backward()
+    w_q, s_w = R.quantize_weight(_np(base.weight), per_channel=True)
+    s_x, z = R.asymmetric_params(*R.min_max(_np(x)))
+    fq_w = (w_q.astype(np.float32) / s_w[:, None]).astype(np.float32)
+    fq_x = R.fake_quantize_asymmetric(_np(x), s_x, z)
+    np.testing.assert_allclose(_np(x.grad), np.ones((3, 5, 16), np.float32) @ fq_w, rtol=1e-6)
+    np.testing.assert_allclose(_np(base.weight.grad), np.ones((15, 16), np.float32).T @ fq_x.reshape(15, 48),
+                               rtol=1e-5)
+
+
+def test_asymmetric_inputs_pattern_picks_layers(tiny_bert):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+    quantize_model(model, QuantSpec(asymmetric_inputs=[r"layer\.\d+\.output\.dense$"]))
+    grids = {name: m.spec.activation_grid for name, m in quantized_modules(model) if isinstance(m, QuantizedLinear)}
+    assert {n for n, g in grids.items() if g == "asymmetric"} == {f"bert.encoder.layer.{i}.output.dense" for i in (0, 1)}
+    assert all(hasattr(m, "input_min") != hasattr(m, "input_ema") for _, m in quantized_modules(model)
+               if isinstance(m, QuantizedLinear))

@@ -119,6 +119,12 @@ class MindSporeBackend(Backend):
         super().check_device(device)
         devices.check(device)
 
+    @classmethod
+    def check_spec(cls, spec):
+        if spec.quantized and spec.grid_extensions:
+            raise Q8Error(f"backend 'mindspore' does not implement {spec.grid_extensions[0]} yet (the paper's symmetric "
+                          f"per-tensor grid only); use --backend torch")
+
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def _build(cls, hf_config: dict, spec: QuantSpec, device: str, where: str) -> BertForSequenceClassification:

@@ -23,7 +23,8 @@ def write_ir(backend, directory: Path, int8: bool) -> list[str]:
         check_int8_spec(spec, "openvino")
     weights, config_text = hf_export(backend)
     model = build_model(weights, json.loads(config_text), backend.quant_state() if int8 else None,
-                        quantize_embeddings=spec.quantize_embeddings, float_inputs=spec.float_inputs)
+                        quantize_embeddings=spec.quantize_embeddings, float_inputs=spec.float_inputs,
+                        per_channel=spec.per_channel_weights)
     # float constants stay float32 (OpenVINO's default would halve them to float16)
     ov.save_model(model, str(Path(directory) / MODEL_FILE), compress_to_fp16=False)
     (Path(directory) / "config.json").write_text(config_text, encoding="utf-8")

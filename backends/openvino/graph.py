@@ -44,9 +44,10 @@ def _const(value) -> ov.Node:
 
 
 class _Builder:
-    def __init__(self, weights: dict[str, np.ndarray], config: dict, ranges: dict[str, float] | None,
-                 quantize_embeddings: bool, float_inputs: tuple[str, ...]) -> None:
+    def __init__(self, weights: dict[str, np.ndarray], config: dict, ranges: dict | None,
+                 quantize_embeddings: bool, float_inputs: tuple[str, ...], per_channel: bool = False) -> None:
         self.w = weights
+        self.per_channel = per_channel
         self.config = config
         self.ranges = ranges  # None: float32 graph
         self.float_spec = QuantSpec(float_inputs=float_inputs if ranges is not None else ())
@@ -69,12 +70,12 @@ class _Builder:
         rows = ops.gather(_const(reference.quantize(table, scale)), ids, _const(np.int64(0)))
         return ops.divide(ops.convert(rows, "f32"), _const(scale))  # the reference's q / S
 
-    def input_scale(self, module: str) -> np.float32:
-        """S_x of a fully connected layer, from its EMA of max|x|."""
+    def input_params(self, module: str) -> tuple[np.float32, int | None]:
+        """(S_x, z) of a fully connected layer's input, from its EMA range: z ``None`` on the symmetric grid."""
         if module not in self.ranges:
             raise Q8Error(f"OpenVINO int8 export: layer {module} has no QAT activation range (EMA); was the "
                           f"checkpoint trained past its quantization delay?")
-        return reference.get_scale(self.ranges[module])
+        return reference.input_params(self.ranges[module])
 
     def quantized(self, module: str) -> bool:
         return self.ranges is not None and not self.float_spec.float_input(module)
@@ -87,13 +88,15 @@ class _Builder:
             w = _const(np.concatenate(weights))
             bias = np.concatenate(biases)
         else:
-            s_w = [reference.get_scale(reference.max_abs(w)) for w in weights]
-            rows = np.concatenate([np.full((len(w), 1), F32(1 / s), F32) for w, s in zip(weights, s_w)])
-            w_q = np.concatenate([reference.quantize(w, s) for w, s in zip(weights, s_w)])
+            quantized = [reference.quantize_weight(w, per_channel=self.per_channel) for w in weights]
+            s_w = [s for _, s in quantized]
+            rows = np.concatenate([np.broadcast_to(F32(1) / s, (len(w),)).astype(F32)[:, None]
+                                   for w, s in zip(weights, s_w)])
+            w_q = np.concatenate([q for q, _ in quantized])
             w = ops.multiply(ops.convert(ops.constant(w_q, name=f"{name}.weight_int8"), "f32"), _const(rows))
             if self.quantized(modules[0]):
-                s_x = self.input_scale(modules[0])
-                x = self.fake_quantize(x, s_x)
+                s_x, zero_point = self.input_params(modules[0])
+                x = self.fake_quantize(x, s_x, zero_point)
                 bias = np.concatenate([reference.quantize_bias(b, s, s_x).astype(F32) / reference.bias_scale(s, s_x)
                                        for b, s in zip(biases, s_w)]).astype(F32)
             else:  # a float_inputs layer: int8 weight, float input and bias
@@ -102,12 +105,18 @@ class _Builder:
         return ops.add(y, _const(bias), name=name)
 
     @staticmethod
-    def fake_quantize(x, s_x: np.float32) -> ov.Node:
+    def fake_quantize(x, s_x: np.float32, zero_point: int | None = None) -> ov.Node:
         """``clamp(round(x * S_x), -127, 127) / S_x``: a ``Clamp`` to the method's range, then a 256-level
         ``FakeQuantize`` over ``[-128/S_x, 127/S_x]`` (the int8 grid). The one-op form, 255 levels over
         ``[-127/S_x, 127/S_x]``, is the same arithmetic on paper, but the CPU plugin's int8 kernels then
         shift the grid (logits 0.8% off on the tiny test model); this form matches the reference to
-        float32 rounding and the ``Clamp`` fuses into the quantization."""
+        float32 rounding and the ``Clamp`` fuses into the quantization.
+
+        On the asymmetric grid (``zero_point`` z): a 256-level ``FakeQuantize`` over ``[-z/S_x, (255-z)/S_x]``,
+        which clamps by itself: the uint8 grid."""
+        if zero_point is not None:
+            low, high = _const(F32(-zero_point) / s_x), _const(F32(reference.levels(8) - zero_point) / s_x)
+            return ops.fake_quantize(x, low, high, low, high, reference.levels(8) + 1)
         q = reference.qmax(8)
         x = ops.clamp(x, -float(F32(q) / s_x), float(F32(q) / s_x))
         low, high = _const(F32(-(q + 1)) / s_x), _const(F32(q) / s_x)
@@ -155,7 +164,7 @@ class _Builder:
         if self.ranges is None:
             return True
         kinds = {self.quantized(n) for n in names}
-        return kinds == {False} or (kinds == {True} and len({self.input_scale(n) for n in names}) == 1)
+        return kinds == {False} or (kinds == {True} and len({self.input_params(n) for n in names}) == 1)
 
     # -- the model -----------------------------------------------------------------------------
     def build(self) -> ov.Model:
@@ -195,18 +204,20 @@ class _Builder:
         return ov.Model([ops.result(logits)], params, "q8bert")
 
 
-def build_model(weights: dict[str, np.ndarray], config: dict, ranges: dict[str, float] | None = None,
-                quantize_embeddings: bool = True, float_inputs: tuple[str, ...] = ()) -> ov.Model:
+def build_model(weights: dict[str, np.ndarray], config: dict, ranges: dict | None = None,
+                quantize_embeddings: bool = True, float_inputs: tuple[str, ...] = (),
+                per_channel: bool = False) -> ov.Model:
     """The OpenVINO model of a BERT sequence classifier.
 
     ``weights``: a Hugging Face ``BertForSequenceClassification`` state dict; ``config``: its
     ``config.json`` as a dict; ``ranges``: the EMA of max|x| per fully connected layer (by module
-    name) for the int8 model, ``None`` for float32; ``float_inputs``: the spec's patterns of layers
-    whose inputs stay float (their weights int8, dequantized into a float matmul).
+    name; a ``(min, max)`` pair for an input on the asymmetric grid) for the int8 model, ``None`` for
+    float32; ``float_inputs``: the spec's patterns of layers whose inputs stay float (their weights int8,
+    dequantized into a float matmul); ``per_channel``: one weight scale per output row.
     """
     if "classifier.weight" not in weights:
         raise Q8Error("OpenVINO export: the model has no classifier.weight (not a sequence classifier)")
-    return _Builder(weights, config, ranges, quantize_embeddings, tuple(float_inputs)).build()
+    return _Builder(weights, config, ranges, quantize_embeddings, tuple(float_inputs), per_channel).build()
 
 
 def runtime_precisions(compiled: ov.CompiledModel) -> dict[str, str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -103,6 +104,7 @@ class TorchBackend(Backend):
     export_formats = ("hf",)
     resumable = True
     distributed = True
+    distills = True
     _owns_process_group = False  # init_distributed created it, so shutdown_distributed destroys it
 
     def __init__(self, model: torch.nn.Module, spec: QuantSpec, device: torch.device) -> None:
@@ -113,6 +115,7 @@ class TorchBackend(Backend):
         self.scheduler = None
         self.regression = model.config.problem_type == "regression"
         self.ddp = None  # the DistributedDataParallel wrapper training steps run through (data-parallel)
+        self.distillation = None  # (weight, temperature) with a --teacher
 
     @classmethod
     def framework_version(cls) -> str:
@@ -159,6 +162,24 @@ class TorchBackend(Backend):
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup_steps, total_steps)
         self.max_grad_norm = max_grad_norm
 
+    def set_distillation(self, weight, temperature):
+        self.distillation = (float(weight), float(temperature))
+
+    def _loss(self, model, batch: dict[str, np.ndarray]) -> torch.Tensor:
+        """The training loss of ``batch``: the task's, mixed with the distillation term when the batch
+        carries ``teacher_logits`` (q8core.distillation.loss)."""
+        out = model(**self._tensors(batch))
+        if "teacher_logits" not in batch or self.distillation is None:
+            return out.loss
+        weight, temperature = self.distillation
+        teacher = torch.from_numpy(np.asarray(batch["teacher_logits"], np.float32)).to(self.device)
+        if self.regression:
+            kd = F.mse_loss(out.logits.reshape(-1), teacher.reshape(-1))
+        else:
+            kd = F.kl_div(F.log_softmax(out.logits / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1),
+                          reduction="batchmean", log_target=True) * temperature ** 2
+        return (1.0 - weight) * out.loss + weight * kd
+
     def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         tensors = {name: torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
                    for name, value in batch.items() if name in ("input_ids", "attention_mask", "token_type_ids")}
@@ -170,7 +191,7 @@ class TorchBackend(Backend):
         if self.optimizer is None:
             raise RuntimeError("configure_optimizer() must be called before train_step()")
         self.model.train()
-        loss = self.model(**self._tensors(batch)).loss
+        loss = self._loss(self.model, batch)
         loss.backward()
         self._optimizer_step()
         return float(loss.detach())
@@ -281,7 +302,7 @@ class TorchBackend(Backend):
         if self.optimizer is None or self.ddp is None:
             raise RuntimeError("configure_optimizer() and enable_data_parallel() must come before train_step_shard()")
         self.ddp.train()
-        loss = self.ddp(**self._tensors(batch)).loss
+        loss = self._loss(self.ddp, batch)
         # DDP averages gradients over ranks: scaled so, the average is the global batch's mean gradient
         scale = weight * self.dist.world_size
         (loss if scale == 1.0 else loss * scale).backward()
@@ -301,7 +322,7 @@ class TorchBackend(Backend):
             return self.model(**inputs).logits.float().cpu().numpy()
 
     def quant_state(self):
-        return {name: float(module.input_ema) for name, module in quantized_modules(self.model)
+        return {name: module.input_range() for name, module in quantized_modules(self.model)
                 if hasattr(module, "ema_ready") and module.ema_ready}
 
     # -- persistence -------------------------------------------------------------------------
@@ -310,8 +331,8 @@ class TorchBackend(Backend):
         if self.spec.quantized:
             state = {}
             for name, module in quantized_modules(self.model):
-                state[f"{name}.input_ema"] = module.input_ema.detach().cpu().reshape(1)
-                state[f"{name}.steps"] = module.steps.detach().cpu().reshape(1)
+                for key in module.state_names:
+                    state[f"{name}.{key}"] = getattr(module, key).detach().cpu().reshape(1)
             save_file(state, str(Path(directory) / QUANT_STATE_FILE))
         return sorted(p.name for p in Path(directory).iterdir())
 
@@ -348,14 +369,14 @@ class TorchBackend(Backend):
 
     def load_quant_state(self, state: dict[str, torch.Tensor], where: str) -> None:
         modules = dict(quantized_modules(self.model))
-        expected = {f"{name}.{key}" for name in modules for key in ("input_ema", "steps")}
+        expected = {f"{name}.{key}" for name, module in modules.items() for key in module.state_names}
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             detail = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
             raise Q8Error(f"{where}: quantizer state does not fit the model ({detail})")
         for name, module in modules.items():
-            module.input_ema.copy_(state[f"{name}.input_ema"].reshape(()))
-            module.steps.copy_(state[f"{name}.steps"].reshape(()))
+            for key in module.state_names:
+                getattr(module, key).copy_(state[f"{name}.{key}"].reshape(()))
 
     def export(self, directory, fmt):
         self.check_export_format(fmt)

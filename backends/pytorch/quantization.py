@@ -43,6 +43,45 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tens
     return quantize(x, scale, qmax) / scale
 
 
+def asymmetric_params(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, z) of the uint8 grid over [min(lo, 0), max(hi, 0)], float32 (q8core.reference.asymmetric_params)."""
+    lo = torch.clamp(lo.to(torch.float32), max=0.0)
+    span = torch.clamp(hi.to(torch.float32), min=0.0) - lo
+    scale = torch.where(span > 0, torch.tensor(float(levels), dtype=torch.float32, device=span.device)
+                        / torch.where(span > 0, span, torch.ones_like(span)), torch.ones_like(span))
+    return scale, torch.clamp(torch.round(-lo * scale), 0, levels)
+
+
+def quantize_asymmetric(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, levels: int) -> torch.Tensor:
+    """clamp(round_half_even(x * S) + z, 0, levels), kept as float32 integers."""
+    return torch.clamp(torch.round(x * scale) + zero_point, 0, levels)
+
+
+class InputGrid:
+    """How one layer's input is quantized: ``scale`` and ``zero_point`` (0 on the symmetric grid) and the
+    integer range; ``codes(x)`` are the integers, ``centred(x)`` the integers minus the zero point (what
+    multiplies the weights), ``fake(x)`` the float32 value they stand for."""
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor | None, qmax: int) -> None:
+        self.scale, self.zero_point, self.qmax = scale, zero_point, qmax
+
+    def centred(self, x: torch.Tensor) -> torch.Tensor:
+        if self.zero_point is None:
+            return quantize(x, self.scale, self.qmax)
+        return quantize_asymmetric(x, self.scale, self.zero_point, 2 * self.qmax + 1) - self.zero_point
+
+    def fake(self, x: torch.Tensor) -> torch.Tensor:
+        return self.centred(x) / self.scale
+
+
+def weight_scale(weight: torch.Tensor, qmax: int, per_channel: bool) -> torch.Tensor:
+    """S_W from max|W| of the tensor (a scalar) or of each output row (shape (out, 1), to scale W's rows)."""
+    weight = weight.detach()
+    if per_channel:
+        return get_scale(weight.abs().amax(dim=1, keepdim=True), qmax)
+    return get_scale(weight.abs().max(), qmax)
+
+
 def ste(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
     """Straight-through estimator: the value of ``quantized``, the gradient of ``x``."""
     return x + (quantized - x).detach()
@@ -64,13 +103,14 @@ def ema_update(ema: torch.Tensor, value: torch.Tensor, decay: float) -> torch.Te
 
 
 class _IntegerLinear(torch.autograd.Function):
-    """y = (x_q · W_qᵀ + b_q) / (S_W * S_x) forward; straight-through gradients backward."""
+    """y = ((x_q - z) · W_qᵀ + b_q) / (S_W * S_x) forward; straight-through gradients backward. ``s_w`` is a
+    scalar or one scale per output row (shape (out, 1))."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, s_x, s_w, qmax, bias_qmax):
-        x_q = quantize(x, s_x, qmax)
+    def forward(ctx, x, weight, bias, grid, s_w, qmax, bias_qmax):
+        x_q, s_x = grid.centred(x), grid.scale
         w_q = quantize(weight, s_w, qmax)
-        s_b = s_w * s_x
+        s_b = s_w.reshape(-1) * s_x
         b_q = None if bias is None else torch.clamp(torch.round(bias * s_b), -bias_qmax, bias_qmax)
         ctx.save_for_backward(x_q, w_q, s_x, s_w)
         ctx.has_bias = bias is not None
@@ -101,10 +141,20 @@ class _QuantState:
     #: whole global batch would.
     sync_ranges = False
 
+    #: The buffers that hold the input's range: the EMA of max|x|, or of min x and max x (a linear layer on
+    #: the asymmetric grid). Embeddings keep an unused ``input_ema`` so that their state stays as it was.
+    range_names: tuple[str, ...] = ("input_ema",)
+
     def _init_quant_state(self, spec: QuantSpec, device: torch.device) -> None:
         self.spec = spec
-        self.register_buffer("input_ema", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
+        for name in self.range_names:
+            self.register_buffer(name, torch.zeros((), dtype=torch.float32, device=device), persistent=False)
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """What ``quant_state.safetensors`` holds for this module."""
+        return (*self.range_names, "steps")
 
     def _quantizing_now(self) -> bool:
         """In training, count the step; false while the spec's start-step delay lasts (as in
@@ -124,6 +174,7 @@ class QuantizedLinear(_QuantState, nn.Linear):
         module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         module.weight, module.bias = linear.weight, linear.bias
         module.train(linear.training)
+        module.range_names = ("input_min", "input_max") if spec.asymmetric else ("input_ema",)
         module._init_quant_state(spec, linear.weight.device)
         return module
 
@@ -132,33 +183,55 @@ class QuantizedLinear(_QuantState, nn.Linear):
         if spec.mode == "fp32" or (spec.mode == "dq" and self.training) or not self._quantizing_now():
             return F.linear(x, self.weight, self.bias)
         qmax = spec.qmax
-        s_w = get_scale(self.weight.detach().abs().max(), qmax)
+        s_w = weight_scale(self.weight, qmax, spec.per_channel_weights)
         if spec.quantize_activations:
-            s_x = get_scale(self._input_threshold(x), qmax)
+            grid = self._input_grid(x)
         if spec.quantize_weights and spec.quantize_activations and (spec.quantize_bias or self.bias is None):
-            return _IntegerLinear.apply(x, self.weight, self.bias, s_x, s_w, qmax, spec.bias_qmax)
+            return _IntegerLinear.apply(x, self.weight, self.bias, grid, s_w, qmax, spec.bias_qmax)
         # partial quantization: fake-quantize what the spec asks for, in float32
         weight = ste(self.weight, fake_quantize(self.weight, s_w, qmax)) if spec.quantize_weights else self.weight
         if spec.quantize_activations:
-            x = ste(x, fake_quantize(x, s_x, qmax))
+            x = ste(x, grid.fake(x))
         return F.linear(x, weight, self.bias)
 
-    def _input_threshold(self, x: torch.Tensor) -> torch.Tensor:
-        """max|x| to quantize the input with: the EMA (updated first in training), or the batch's own
-        in dynamic quantization and for a QAT layer that has not had a quantized training step."""
-        if self.spec.mode == "dq" or (not self.training and not self.ema_ready):
-            return x.detach().abs().max()
+    def _input_grid(self, x: torch.Tensor) -> InputGrid:
+        """The input's grid, from its range: the EMA (updated first in training), or the batch's own in
+        dynamic quantization and for a QAT layer that has not had a quantized training step."""
+        batch = x.detach()
+        live = self.spec.mode == "dq" or (not self.training and not self.ema_ready)
+        if not self.spec.asymmetric:
+            threshold = batch.abs().max() if live else self._track(batch.abs().max())
+            return InputGrid(get_scale(threshold, self.spec.qmax), None, self.spec.qmax)
+        if live:
+            lo, hi = batch.min(), batch.max()
+        else:
+            lo = self._track(-batch.min(), "input_min", negated=True)
+            hi = self._track(batch.max(), "input_max")
+        scale, zero_point = asymmetric_params(lo, hi, 2 * self.spec.qmax + 1)
+        return InputGrid(scale, zero_point, self.spec.qmax)
+
+    def _track(self, batch_value: torch.Tensor, name: str = "input_ema", negated: bool = False) -> torch.Tensor:
+        """In training, update the EMA buffer ``name`` with the batch's value (the first quantized step sets
+        it) and return it; at inference, the stored EMA. ``negated``: ``batch_value`` is -min x (a maximum,
+        so that data-parallel ranks all-reduce it with MAX), the buffer holds min x."""
+        ema = getattr(self, name)
         if self.training:
-            batch_max = x.detach().abs().max()
             if self.sync_ranges:
-                batch_max = all_ranks_max(batch_max)
+                batch_value = all_ranks_max(batch_value)
+            value = -batch_value if negated else batch_value
             first = int(self.steps) == self.spec.start_step + 1  # the first quantized step sets it
-            self.input_ema.copy_(batch_max if first else ema_update(self.input_ema, batch_max, self.spec.ema_decay))
-        return self.input_ema
+            ema.copy_(value if first else ema_update(ema, value, self.spec.ema_decay))
+        return ema
 
     @property
     def ema_ready(self) -> bool:
         return int(self.steps) > self.spec.start_step
+
+    def input_range(self) -> float | tuple[float, float]:
+        """The stored input range: the EMA of max|x|, or (EMA of min x, EMA of max x) on the asymmetric grid."""
+        if self.spec.asymmetric:
+            return float(self.input_min), float(self.input_max)
+        return float(self.input_ema)
 
 
 class QuantizedEmbedding(_QuantState, nn.Embedding):
