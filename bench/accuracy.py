@@ -2,7 +2,7 @@
 
     python bench/accuracy.py [--tasks sts-b,sst-2] [--seeds 42] [--glue ../shared/glue] [--runs runs/glue]
                              [--backend torch] [--quant-delay 100 | --from-fp32] [--float-ffn-output]
-                             [--no-train] [--output docs]
+                             [--recipe paper|full-int8] [--distil] [--no-train] [--output docs]
 
 For each task and seed it makes (or reuses) two `q8 run` folders with all-MiniLM-L6-v2 — FP32 and QAT,
 settings as in bench/glue_runs.sh — resuming a run that was stopped, then measures with the `q8`
@@ -24,6 +24,10 @@ learning rate 1e-5, quantizing from the first step (``{task}-qat-from-fp32[-s{se
 ``--float-ffn-output`` keeps the inputs of the FFN output layers float32 (``q8 run --float-inputs
 'layer\.\d+\.output\.dense$'``, beyond the paper; weights stay 8-bit) in the QAT runs (``...-floatout``
 folders), in DQ (``q8 eval --mode dq --float-inputs ...``) and so in the int8 export.
+
+``--recipe`` picks the QAT runs' quantizer recipe (``q8 run --recipe``; default ``paper``, which the tables
+in docs/accuracy*.md were measured with; ``full-int8`` runs go to ``...-full-int8`` folders), and
+``--distil`` makes the QAT runs distil from the same seed's FP32 run (``q8 run --teacher``; ``...-kd``).
 """
 
 from __future__ import annotations
@@ -76,12 +80,14 @@ def q8(*args: str) -> str:
 
 
 def run_folder(runs: Path, task: str, mode: str, seed: int, backend: str, delay: int | str = 100,
-               float_out: bool = False) -> Path:
+               float_out: bool = False, recipe: str = "paper", distil: bool = False) -> Path:
     """``{task}-{mode}[-d{delay}|-from-fp32][-floatout][-{backend}][-s{seed}]``: a QAT run with another
     --quant-delay than 100, from the FP32 run (``delay="from-fp32"``) or with float FFN-output inputs
     (``float_out``) has its own folder, so runs of different settings never stand in for each other."""
     variant = "" if mode != "qat" or delay == 100 else f"-{delay}" if delay == "from-fp32" else f"-d{delay}"
     variant += "-floatout" if mode == "qat" and float_out else ""
+    variant += f"-{recipe}" if mode == "qat" and recipe != "paper" else ""
+    variant += "-kd" if mode == "qat" and distil else ""
     return runs / (f"{task}-{mode}{variant}" + ("" if backend == "torch" else f"-{backend}")
                    + ("" if seed == 42 else f"-s{seed}"))
 
@@ -108,9 +114,10 @@ def cached_eval(cache: Path, *args: str) -> dict:
 def measure(task: str, seed: int, args) -> dict[str, dict]:
     runs, glue = Path(args.runs), Path(args.glue)
     variant = "from-fp32" if args.from_fp32 else args.quant_delay
-    fp32_dir, qat_dir = (run_folder(runs, task, m, seed, args.backend, variant, args.float_ffn_output)
-                         for m in ("fp32", "qat"))
+    fp32_dir, qat_dir = (run_folder(runs, task, m, seed, args.backend, variant, args.float_ffn_output, args.recipe,
+                                    args.distil) for m in ("fp32", "qat"))
     floats = ["--float-inputs", FLOAT_FFN_OUTPUT] if args.float_ffn_output else []
+    floats += ["--recipe", args.recipe] + (["--teacher", str(fp32_dir)] if args.distil else [])
     if args.no_train and not ((fp32_dir / "eval_results.json").exists() and (qat_dir / "eval_results.json").exists()):
         return {}
     settings = [*COMMON, "--quant-delay", str(args.quant_delay), *TRAIN[task]]
@@ -121,8 +128,9 @@ def measure(task: str, seed: int, args) -> dict[str, dict]:
     else:
         qat = train(qat_dir, task, "qat", seed, args.backend, glue, [*settings, *floats])
     data = str(glue / DATA[task])
-    dq = cached_eval(fp32_dir / ("dq_floatout_eval.json" if floats else "dq_eval.json"), "--checkpoint",
-                     str(fp32_dir / f"checkpoint-{fp32['step']}"), "--mode", "dq", *floats, "--data-dir", data)
+    float_dq = ["--float-inputs", FLOAT_FFN_OUTPUT] if args.float_ffn_output else []
+    dq = cached_eval(fp32_dir / ("dq_floatout_eval.json" if float_dq else "dq_eval.json"), "--checkpoint",
+                     str(fp32_dir / f"checkpoint-{fp32['step']}"), "--mode", "dq", *float_dq, "--data-dir", data)
     export = qat_dir.with_name(qat_dir.name + "-onnx-int8")
     if not (export / "q8_checkpoint.json").exists():
         q8("export", "--checkpoint", str(qat_dir / f"checkpoint-{qat['step']}"), "--format", "onnx-int8",
@@ -154,6 +162,10 @@ def main(argv=None) -> int:
                         help="QAT from the FP32 run's final checkpoint (one more epoch at 1e-5), not from MiniLM")
     parser.add_argument("--float-ffn-output", action="store_true",
                         help="QAT and DQ with the FFN output layers' inputs float32 (beyond the paper)")
+    parser.add_argument("--recipe", default="paper", choices=("paper", "full-int8"),
+                        help="the QAT runs' quantizer recipe (q8 run --recipe; default paper)")
+    parser.add_argument("--distil", action="store_true",
+                        help="QAT runs distil from the same seed's FP32 run (q8 run --teacher)")
     parser.add_argument("--output", default="docs")
     args = parser.parse_args(argv)
 

@@ -26,6 +26,7 @@ class RunConfig:
     backend: str = "torch"
     device: str = "cpu"
     spec: QuantSpec = field(default_factory=QuantSpec)
+    recipe: str | None = None  # the q8core.recipes preset the spec started from (None: a --spec file)
     epochs: float = 3.0
     max_steps: int | None = None  # overrides epochs when set
     train_batch_size: int = 16

@@ -28,6 +28,11 @@ SPEC_FILE = "q8_spec.json"
 #: max|x|) or ``asymmetric`` (uint8 in [0, 2^bits - 1] with a zero point, range [min x, max x]).
 GRIDS = ("symmetric", "asymmetric")
 
+#: Per Hugging Face ``model_type``: the linear layer whose input is the output of a tanh (the pooler's
+#: activation in BERT, the classification head's in RoBERTa), which ``tanh_range`` quantizes over [-1, 1].
+TANH_FED = {"bert": "classifier", "roberta": "classifier.out_proj", "xlm-roberta": "classifier.out_proj",
+            "camembert": "classifier.out_proj"}
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -53,6 +58,10 @@ class QuantSpec:
     asymmetric_inputs: tuple[str, ...] = ()
     #: Beyond the paper: one weight scale per output row of each linear layer (embeddings stay per tensor).
     per_channel_weights: bool = False
+    #: Beyond the paper: the layer that reads tanh's output (BERT's classifier, after the pooler; see
+    #: :data:`TANH_FED`) is quantized over tanh's range [-1, 1] instead of its EMA. An untrained pooler's first
+    #: outputs are a fraction of a trained one's, and the paper's EMA keeps that first range for good.
+    tanh_range: bool = False
 
     def __post_init__(self) -> None:
         for field_name in ("float_inputs", "asymmetric_inputs"):
@@ -72,7 +81,7 @@ class QuantSpec:
         if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
             raise Q8Error(f"quantizer spec: start_step must be a non-negative integer, got {self.start_step!r}")
         for name in ("quantize_embeddings", "quantize_weights", "quantize_activations", "quantize_bias",
-                     "per_channel_weights"):
+                     "per_channel_weights", "tanh_range"):
             if not isinstance(getattr(self, name), bool):
                 raise Q8Error(f"quantizer spec: {name} must be true or false, got {getattr(self, name)!r}")
 
@@ -97,14 +106,10 @@ class QuantSpec:
             return "asymmetric"
         return "symmetric"
 
-    @property
-    def grid_extensions(self) -> list[str]:
-        """``"field value"`` for each grid option beyond the paper this spec sets (asymmetric inputs, per-channel
-        weights): what a backend or export that implements only the paper's grid names when it refuses."""
-        paper = QuantSpec()
-        return [f"{name} {getattr(self, name)!r}" for name in ("activation_grid", "asymmetric_inputs",
-                                                              "per_channel_weights")
-                if getattr(self, name) != getattr(paper, name)]
+    def fixed_range(self, name: str, model_type: str) -> float | None:
+        """max|x| fixed by construction for the linear layer ``name`` of a ``model_type`` model: 1 for the
+        layer that reads tanh's output when ``tanh_range`` is on; ``None`` (the EMA's) otherwise."""
+        return 1.0 if self.tanh_range and TANH_FED.get(model_type) == name else None
 
     @property
     def asymmetric(self) -> bool:

@@ -259,6 +259,9 @@ class Trainer:
         self.num_train = n = len(train["labels"])
         self.steps_per_epoch = math.ceil(n / (cfg.train_batch_size * world))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        if self.spec.mode == "qat" and self.spec.start_step >= self.total_steps:
+            raise Q8Error(f"--quant-delay {self.spec.start_step} is not below the run's {self.total_steps} steps: "
+                          f"the QAT run would end unquantized; lower it, or train longer")
         if self.dist.enabled:  # every rank must train on the same rows, or they would wait on each other
             mine = (n, self.total_steps, distributed.fingerprint(train))
             ours = self.backend_cls.broadcast_object(mine)

@@ -404,6 +404,17 @@ def test_negative_quant_delay_names_the_option(tiny_bert, sst2_dir, tmp_path, ca
     assert not out.exists()
 
 
+def test_a_quant_delay_that_outlasts_the_run_is_refused(tiny_bert, sst2_dir, tmp_path, capsys):
+    """A QAT run whose --quant-delay reaches its last step would never quantize: refused before anything is
+    written (an FP32 run ignores the delay)."""
+    out = tmp_path / "out"
+    code, _, err = q8(run_args(tiny_bert, sst2_dir, out, "--quant-delay", "2", fast=True), capsys)
+    assert_one_line_error(code, err, "--quant-delay 2 is not below the run's 2 steps", "end unquantized")
+    assert not out.exists()
+    code, _, err = q8(run_args(tiny_bert, sst2_dir, out, "--quant-delay", "1", fast=True), capsys)
+    assert code == 0, err
+
+
 class _Captured(Exception):
     pass
 

@@ -462,3 +462,68 @@ def test_float_inputs_layers_follow_pytorch(cls_bert):
     np.testing.assert_allclose(m_losses, t_losses, rtol=0, atol=1e-4)
     probe = _batches(1, seed=9)[0]
     np.testing.assert_allclose(ms_b.predict(probe), torch_b.predict(probe), rtol=0, atol=1e-3)
+
+
+def test_tanh_range_fixes_the_classifier_range_and_trains_like_pytorch(cls_bert):
+    """``tanh_range``: both backends quantize the classifier's input over [-1, 1] from the first quantized step
+    (during the delay the range is not set), and train alike."""
+    spec = QuantSpec(ema_decay=0.9, start_step=1, tanh_range=True)
+    torch_b, ms_b = _pair(cls_bert, spec)
+    torch_b.configure_optimizer(**OPTIM)
+    ms_b.configure_optimizer(**OPTIM)
+    losses = [(torch_b.train_step(batch), ms_b.train_step(batch)) for batch in _batches(3, seed=5)]
+    t_losses, m_losses = map(np.array, zip(*losses))
+    np.testing.assert_allclose(m_losses, t_losses, rtol=0, atol=1e-4)
+    assert torch_b.quant_state()["classifier"] == ms_b.quant_state()["classifier"] == 1.0
+    assert torch_b.quant_state()["bert.pooler.dense"] != 1.0
+    probe = _batches(1, seed=9)[0]
+    np.testing.assert_allclose(ms_b.predict(probe), torch_b.predict(probe), rtol=0, atol=1e-3)
+
+
+# -- beyond the paper: asymmetric inputs, per-channel weights ------------------------------------------
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_asymmetric_per_channel_dense_matches_the_reference(per_channel, compiled):
+    rng = np.random.default_rng(11)
+    spec = QuantSpec(ema_decay=0.9, activation_grid="asymmetric", per_channel_weights=per_channel)
+    cell, w, b = _dense(spec)
+    w[3] *= 20.0  # one large row: per channel differs from per tensor
+    cell.weight.set_data(Tensor(w))
+    cell.set_train(True)
+    forward = ms.jit(cell.construct) if compiled else cell
+    lo = hi = None
+    for scale in (1.0, 3.0, 0.25, 2.0):
+        x = np.maximum(rng.standard_normal((3, 5, 48)) * scale, -0.17).astype(np.float32)  # GELU-like
+        y = forward(Tensor(x)).asnumpy()
+        lo = R.ema_update(lo, R.min_max(x)[0], spec.ema_decay)
+        hi = R.ema_update(hi, R.min_max(x)[1], spec.ema_decay)
+        assert (np.float32(cell.input_min.asnumpy()), np.float32(cell.input_max.asnumpy())) == (lo, hi)
+        np.testing.assert_array_equal(y, R.linear_forward(x, w, b, (lo, hi), per_channel=per_channel))
+    cell.set_train(False)
+    x = (rng.standard_normal((3, 5, 48)) * 5).astype(np.float32)  # clamps to the stored range
+    np.testing.assert_array_equal(cell(Tensor(x)).asnumpy(), R.linear_forward(x, w, b, (lo, hi),
+                                                                              per_channel=per_channel))
+    dq, w2, b2 = _dense(QuantSpec(mode="dq", activation_grid="asymmetric", per_channel_weights=per_channel))
+    dq.set_train(False)
+    np.testing.assert_array_equal(dq(Tensor(x)).asnumpy(), R.linear_forward(x, w2, b2, R.min_max(x),
+                                                                            per_channel=per_channel))
+
+
+def test_asymmetric_per_channel_model_trains_like_pytorch(cls_bert):
+    """The FFN output layers on the asymmetric grid, per-channel weights: both backends pick the same layers,
+    train alike and keep the same ranges."""
+    spec = QuantSpec(ema_decay=0.9, asymmetric_inputs=[r"layer\.\d+\.output\.dense$"], per_channel_weights=True,
+                     tanh_range=True)
+    torch_b, ms_b = _pair(cls_bert, spec)
+    torch_b.configure_optimizer(**OPTIM)
+    ms_b.configure_optimizer(**OPTIM)
+    losses = [(torch_b.train_step(batch), ms_b.train_step(batch)) for batch in _batches(3, seed=5)]
+    t_losses, m_losses = map(np.array, zip(*losses))
+    np.testing.assert_allclose(m_losses, t_losses, rtol=0, atol=1e-4)
+    t_state, m_state = torch_b.quant_state(), ms_b.quant_state()
+    assert set(t_state) == set(m_state)
+    ffn = "bert.encoder.layer.1.output.dense"
+    assert isinstance(t_state[ffn], tuple) and isinstance(m_state[ffn], tuple)
+    np.testing.assert_allclose(m_state[ffn], t_state[ffn], rtol=1e-4)
+    probe = _batches(1, seed=9)[0]
+    np.testing.assert_allclose(ms_b.predict(probe), torch_b.predict(probe), rtol=0, atol=1e-3)

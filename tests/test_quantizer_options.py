@@ -109,15 +109,22 @@ def test_bad_grid_values_are_named_and_nothing_is_written(tiny_bert, asymmetric_
     assert snapshot(tmp_path / "out") is None
 
 
-def test_mindspore_refuses_the_options_it_does_not_implement(tiny_bert, asymmetric_run, tmp_path, capsys,
-                                                             monkeypatch):
+def test_mindspore_trains_them_and_reloads_its_ranges(tiny_bert, asymmetric_run, tmp_path, capsys, monkeypatch):
     pytest.importorskip("mindspore")
     monkeypatch.setenv("Q8_PLUGINS", "torch,mindspore,glue")
     data, _ = asymmetric_run
-    code, _, err = q8(run_args(tiny_bert, data, tmp_path / "ms", "--backend", "mindspore", "--per-channel-weights",
-                               fast=True), capsys)
-    assert_one_line_error(code, err, "backend 'mindspore' does not implement per_channel_weights True yet")
-    assert snapshot(tmp_path / "ms") is None
+    code, _, err = q8(run_args(tiny_bert, data, tmp_path / "ms", "--backend", "mindspore", "--asymmetric-inputs",
+                               FFN_OUTPUT, "--per-channel-weights", "--tanh-range", "--max-steps", "3", "--eval-steps",
+                               "3", fast=True), capsys)
+    assert code == 0, err
+    best = _best(tmp_path / "ms")
+    spec = QuantSpec.load(best)
+    assert spec.asymmetric_inputs == (FFN_OUTPUT,) and spec.per_channel_weights and spec.tanh_range
+    recorded = [json.loads(line) for line in (tmp_path / "ms" / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["type"] == "eval"][-1]
+    code, out, err = q8(["eval", "--checkpoint", str(best), "--data-dir", str(data), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["accuracy"] == recorded["accuracy"]
 
 
 # -- the int8 exports of the new grids -------------------------------------------------------------
@@ -204,3 +211,32 @@ def test_openvino_int8_runs_every_layer_as_an_integer_primitive_with_the_fake_qu
         assert precisions.get(layer) == ("u8" if backend.spec.for_layer(layer).asymmetric else "i8"), (layer, precisions)
     expected = backend.predict(batch)
     np.testing.assert_allclose(compiled(batch)["logits"], expected, atol=1e-4 * np.abs(expected).max() + 1e-7)
+
+
+# -- recipes -------------------------------------------------------------------------------------------
+def test_recipes_set_the_spec_and_are_recorded(tiny_bert, asymmetric_run, tmp_path, capsys):
+    from q8core.config import RunConfig
+    from q8core.recipes import DEFAULT_RECIPE, RECIPES
+
+    data, _ = asymmetric_run
+    code, _, err = q8(run_args(tiny_bert, data, tmp_path / "default", fast=True), capsys)
+    assert code == 0, err
+    config = RunConfig.load(tmp_path / "default")
+    assert (config.recipe, DEFAULT_RECIPE) == ("full-int8", "full-int8")
+    assert config.spec == QuantSpec(tanh_range=True, asymmetric_inputs=[FFN_OUTPUT]) == RECIPES["full-int8"].spec()
+    assert QuantSpec.load(_best(tmp_path / "default")) == config.spec
+    code, _, err = q8(run_args(tiny_bert, data, tmp_path / "paper", "--recipe", "paper", "--ema-decay", "0.9",
+                               fast=True), capsys)
+    assert code == 0, err
+    config = RunConfig.load(tmp_path / "paper")
+    assert config.recipe == "paper" and config.spec == QuantSpec(ema_decay=0.9)  # METHOD.md, one field overridden
+
+
+def test_a_spec_file_and_a_recipe_together_are_refused(tiny_bert, asymmetric_run, tmp_path, capsys):
+    data, _ = asymmetric_run
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    code, _, err = q8(run_args(tiny_bert, data, tmp_path / "out", "--spec", str(spec), "--recipe", "paper",
+                               fast=True), capsys)
+    assert_one_line_error(code, err, f"--spec {spec} and --recipe paper both set the quantizer")
+    assert snapshot(tmp_path / "out") is None

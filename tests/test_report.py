@@ -143,7 +143,8 @@ def test_report_numbers_are_the_runs_own(runs, tmp_path, capsys):
     # activation ranges at the last log: the values of metrics.jsonl
     for layer, value in train[-1]["ema"].items():
         if f"`{layer}`" in markdown:
-            assert row(markdown, f"`{layer}`") == [f"{value:.4f}"]
+            shown = f"{value[0]:.4f} .. {value[1]:.4f}" if isinstance(value, list) else f"{value:.4f}"  # min .. max
+            assert row(markdown, f"`{layer}`") == [shown]
 
 
 def test_ema_layers_are_a_representative_handful(runs):

@@ -266,3 +266,21 @@ def test_asymmetric_inputs_pattern_picks_layers(tiny_bert):
     assert {n for n, g in grids.items() if g == "asymmetric"} == {f"bert.encoder.layer.{i}.output.dense" for i in (0, 1)}
     assert all(hasattr(m, "input_min") != hasattr(m, "input_ema") for _, m in quantized_modules(model)
                if isinstance(m, QuantizedLinear))
+
+
+def test_tanh_range_fixes_the_classifier_input_range_to_one(tiny_bert):
+    """With ``tanh_range`` the classifier (BERT's, reading the pooler's tanh) quantizes over [-1, 1] from
+    its first step, whatever the batch's range; every other layer keeps its EMA."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+    quantize_model(model, QuantSpec(ema_decay=0.9, tanh_range=True))
+    layers = dict(quantized_modules(model))
+    assert [n for n, m in layers.items() if getattr(m, "fixed_range", None) is not None] == ["classifier"]
+    classifier = layers["classifier"].train()
+    rng = np.random.default_rng(9)
+    x = (np.tanh(rng.standard_normal((4, 32))) * 0.3).astype(np.float32)  # an untrained pooler's small outputs
+    y = classifier(torch.from_numpy(x))
+    assert classifier.input_ema.item() == 1.0  # not max|x| (~0.3)
+    np.testing.assert_array_equal(_np(y), R.linear_forward(x, _np(classifier.weight), _np(classifier.bias), 1.0))
+    assert QuantSpec(tanh_range=True).fixed_range("classifier", "distilbert") is None  # its classifier reads a ReLU

@@ -143,6 +143,13 @@ def test_q8_eval_prints_the_modelzoo_result_line(qat_run, capsys):
     current = {"accuracy": results["metrics"]["accuracy"]}
     best = max(results["best_metric"], current["accuracy"])
     assert out.splitlines()[-1] == f"The current result is {current}, the best result is  {best}"
+    # evaluated otherwise than it was trained (DQ of the master weights), the run's best is not this one's
+    code, out, err = run_q8(["eval", "--checkpoint", str(run_dir / "checkpoint-64"), "--data-dir", str(data),
+                             "--mode", "dq"], capsys)
+    assert code == 0, err
+    line = out.splitlines()[-1]
+    dq = float(line.split("'accuracy': ", 1)[1].split("}", 1)[0])
+    assert line == f"The current result is {{'accuracy': {dq}}}, the best result is  {dq}"
 
 
 def test_rotation_keeps_the_newest_n_and_the_best(tiny_bert, sst2_dir, tmp_path):

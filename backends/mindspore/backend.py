@@ -119,12 +119,6 @@ class MindSporeBackend(Backend):
         super().check_device(device)
         devices.check(device)
 
-    @classmethod
-    def check_spec(cls, spec):
-        if spec.quantized and spec.grid_extensions:
-            raise Q8Error(f"backend 'mindspore' does not implement {spec.grid_extensions[0]} yet (the paper's symmetric "
-                          f"per-tensor grid only); use --backend torch")
-
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def _build(cls, hf_config: dict, spec: QuantSpec, device: str, where: str) -> BertForSequenceClassification:
@@ -331,7 +325,8 @@ class MindSporeBackend(Backend):
         return self._predict_fn(*self._inputs(batch)).asnumpy().astype(np.float32)
 
     def quant_state(self):
-        return {name: float(cell.input_ema.asnumpy()) for name, cell in quantized_cells(self.model)
+        return {name: (float(cell.input_min.asnumpy()), float(cell.input_max.asnumpy())) if cell.asymmetric
+                else float(cell.input_ema.asnumpy()) for name, cell in quantized_cells(self.model)
                 if isinstance(cell, QuantDense) and int(cell.steps.asnumpy()) > self.spec.start_step}
 
     # -- resume --------------------------------------------------------------------------------

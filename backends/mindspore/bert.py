@@ -431,11 +431,15 @@ class BertForSequenceClassification(nn.Cell):
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = Dropout(dropout)
         self.classifier = make_dense(config.hidden_size, config.num_labels, spec)
-        if spec.float_inputs:  # each quantized Dense takes its own layer's spec (names are Hugging Face's)
+        if isinstance(self.classifier, QuantDense):  # it reads the pooler's tanh (spec.tanh_range)
+            self.classifier.fixed_range = spec.fixed_range("classifier", "bert")
+        if spec.quantized and (spec.float_inputs or spec.asymmetric_inputs):  # each quantized Dense: its layer's spec
             dense = [(name, cell) for name, cell in self.cells_and_names() if isinstance(cell, QuantDense)]
             spec.check_float_inputs([name for name, _ in dense])
             for name, cell in dense:
                 cell.configure(spec.for_layer(name))
+                if cell.asymmetric:  # range Parameters made now, after the cell took its place: name them
+                    cell.input_min.name, cell.input_max.name = f"{name}.input_min", f"{name}.input_max"
             for _, cell in self.cells_and_names():  # after the Q/K/V cells are configured
                 if isinstance(cell, BertSelfAttention):
                     cell.share_input()

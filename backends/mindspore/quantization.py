@@ -88,6 +88,7 @@ def ste(x: Tensor, quantized: Tensor) -> Tensor:
 
 
 _ROW_MAX = ops.ArgMaxWithValue(axis=-1)
+_ROW_MIN = ops.ArgMinWithValue(axis=-1)
 
 
 def max_abs(x: Tensor) -> Tensor:
@@ -103,6 +104,36 @@ def max_abs(x: Tensor) -> Tensor:
     if x.ndim > 1:
         return _ROW_MAX(x.reshape(-1, x.shape[-1]))[1].max()
     return x.max()
+
+
+def min_max(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(min x, max x) as float32 scalars with no gradient (rows first, as :func:`max_abs`)."""
+    x = ops.stop_gradient(x)
+    x = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
+    return _ROW_MIN(x)[1].min(), _ROW_MAX(x)[1].max()
+
+
+def row_max_abs(w: Tensor) -> Tensor:
+    """max|W[j, :]| per output row of a (out, in) weight, no gradient: the per-channel thresholds."""
+    return _ROW_MAX(ops.abs(ops.stop_gradient(w)))[1]
+
+
+def asymmetric_params(lo: Tensor, hi: Tensor, levels: int) -> tuple[Tensor, Tensor]:
+    """(S, z) of the uint8 grid over [min(lo, 0), max(hi, 0)] (q8core.reference.asymmetric_params)."""
+    lo = ops.minimum(lo.astype(F32), 0.0)
+    span = ops.maximum(hi.astype(F32), 0.0) - lo
+    scale = ops.select(span > 0, Tensor(np.float32(levels), F32) / span, ops.ones_like(span))
+    return scale, clamp_between(round_half_even(-lo * scale), 0.0, float(levels))
+
+
+def clamp_between(x: Tensor, low, high) -> Tensor:
+    return ops.minimum(ops.maximum(x, low), high)
+
+
+def quantize_centred(x: Tensor, scale: Tensor, zero_point: Tensor, levels: int) -> Tensor:
+    """clamp(round(x * S) + z, 0, levels) - z as float32 integers (the rounding of a clamped value: the
+    bounds are integers, so it is the same)."""
+    return round_half_even(clamp_between(x * scale, -zero_point, levels - zero_point))
 
 
 def ema_constants(decay: float) -> tuple[Tensor, Tensor]:
@@ -198,19 +229,20 @@ class IntegerLinear(nn.Cell):
     again instead of re-quantizing (``FQ(W) = W_q / S_W``, and ``doutᵀ · FQ(x) = (doutᵀ · x_q) / S_x``).
     """
 
-    def __init__(self, bias_qmax: int, has_bias: bool = True) -> None:
+    def __init__(self, bias_qmax: int, has_bias: bool = True, per_channel: bool = False) -> None:
         super().__init__()
         self.bias_qmax, self.has_bias = bias_qmax, has_bias
+        self.per_channel = per_channel  # s_w is one scale per output row, shape (out, 1)
         self.matmul_nt = ops.MatMul(transpose_b=True)
         self.matmul_nn = ops.MatMul()
         self.matmul_tn = ops.MatMul(transpose_a=True)
 
     def construct(self, x, weight, bias, x_q, w_q, s_x, s_w):
-        s_b = s_w * s_x
+        s_b = s_w.reshape(-1) * s_x if self.per_channel else s_w * s_x
         acc = matmul_nt(x_q, w_q, self.matmul_nt)
         if self.has_bias:
             bias_q = clamp(ops.round(bias * s_b), float(self.bias_qmax))
-            if cpu_kernels.ACTIVE is not None:  # one pass, the same bits
+            if cpu_kernels.ACTIVE is not None and not self.per_channel:  # one pass, the same bits
                 return cpu_kernels.ACTIVE.dequantize(acc, bias_q, s_b)
             acc = ops.bias_add(acc, bias_q)  # not a broadcast Add: 2x faster
         return divide(acc, s_b)
@@ -230,13 +262,14 @@ class QuantDense(Dense):
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, has_bias: bool = True) -> None:
         super().__init__(in_features, out_features, has_bias)
-        self.configure(spec)
-        self.int_linear = IntegerLinear(spec.bias_qmax, has_bias)
         self.input_ema = Parameter(Tensor(np.float32(0.0), F32), name="input_ema", requires_grad=False)
+        self.configure(spec)
         self.steps = Parameter(Tensor(0, ms.int32), name="steps", requires_grad=False)
         #: Data-parallel training (:func:`.parallel.sync_ranges`): the EMA takes the batch max|x| over all ranks.
         self.sync_ranges = False
         self.quant_phase = None  # see set_phase
+        #: max|x| known by construction (the spec's ``tanh_range``: 1 for the classifier), replacing the EMA
+        self.fixed_range = None
 
     def configure(self, spec: QuantSpec) -> None:
         """Take ``spec``'s quantization settings (before the cell's graph is compiled)."""
@@ -244,11 +277,18 @@ class QuantDense(Dense):
         self.q_weights, self.q_acts = spec.quantize_weights, spec.quantize_activations
         self.dq = spec.mode == "dq"
         self.integer = spec.quantize_weights and spec.quantize_activations and (spec.quantize_bias or not self.has_bias)
+        self.per_channel, self.levels = spec.per_channel_weights, 2 * spec.qmax + 1
+        self.int_linear = IntegerLinear(spec.bias_qmax, self.has_bias, self.per_channel)
+        #: the asymmetric grid (spec.asymmetric): EMAs of min x and max x instead of max|x|
+        self.asymmetric = spec.asymmetric
+        if self.asymmetric and "input_min" not in self._params:
+            self.input_min = Parameter(Tensor(np.float32(0.0), F32), name="input_min", requires_grad=False)
+            self.input_max = Parameter(Tensor(np.float32(0.0), F32), name="input_max", requires_grad=False)
 
     @property
     def shares_input(self) -> bool:
-        """Whether training can use :meth:`lead` / :meth:`follow` (QAT, fully quantized)."""
-        return self.integer and not self.dq
+        """Whether training can use :meth:`lead` / :meth:`follow` (QAT, fully quantized, symmetric)."""
+        return self.integer and not self.dq and not self.asymmetric
 
     def construct(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -259,6 +299,16 @@ class QuantDense(Dense):
         if self.training and self.quant_phase == "delay":  # compiled for the delay: float32, the step counted
             ops.assign(self.steps, self.steps + 1)
             return self.dense(x2, self.weight).reshape(out_shape)
+        if self.asymmetric:
+            lo, hi = min_max(x2)
+            if self.training:
+                lo, hi = self._track_range(lo, hi)
+            elif not self.dq:  # inference: the stored EMAs, or the batch's own range before any quantized step
+                ready = self.steps > self.start_step
+                lo, hi = ops.select(ready, self.input_min, lo), ops.select(ready, self.input_max, hi)
+            s_x, zero_point = asymmetric_params(lo, hi, self.levels)
+            x_q = quantize_centred(ops.stop_gradient(x2), s_x, zero_point, self.levels)
+            return self._delayed(x2, self._quantized(x2, x_q, s_x)).reshape(out_shape)
         batch_max = max_abs(x2)
         if self.training:
             threshold = self._track(batch_max)
@@ -266,7 +316,8 @@ class QuantDense(Dense):
             threshold = batch_max
         else:  # inference: the stored EMA, or the batch's own max before any quantized training step
             threshold = ops.select(self.steps > self.start_step, self.input_ema, batch_max)
-        y = self._quantized(x2, threshold)
+        s_x = get_scale(threshold, self.qmax)
+        y = self._quantized(x2, quantize(ops.stop_gradient(x2), s_x, self.qmax), s_x)
         return self._delayed(x2, y).reshape(out_shape)
 
     def lead(self, x2: Tensor):
@@ -290,13 +341,30 @@ class QuantDense(Dense):
             batch_max = all_ranks_max(batch_max)
         steps = self.steps + 1
         ops.assign(self.steps, steps)
-        if self.start_step:
+        return self._update(self.input_ema, batch_max, steps, self.fixed_range)
+
+    def _track_range(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`_track` on the asymmetric grid: the EMAs of min x and of max x."""
+        if self.sync_ranges:
+            lo, hi = -all_ranks_max(-lo), all_ranks_max(hi)
+        steps = self.steps + 1
+        ops.assign(self.steps, steps)
+        fixed = self.fixed_range
+        return (self._update(self.input_min, lo, steps, None if fixed is None else -fixed),
+                self._update(self.input_max, hi, steps, fixed))
+
+    def _update(self, ema: Parameter, value: Tensor, steps: Tensor, fixed) -> Tensor:
+        """One EMA step of ``ema`` at training step ``steps`` (none during the delay; the first quantized step
+        sets it; ``fixed``: a range known by construction, set instead)."""
+        if fixed is not None:
+            new_ema = ops.select(steps > self.start_step, Tensor(np.float32(fixed), F32), ema)
+        elif self.start_step:
             first = steps == self.start_step + 1
-            new_ema = ops.select(first, batch_max, ema_update(self.input_ema, batch_max, self.decay))
-            new_ema = ops.select(steps > self.start_step, new_ema, self.input_ema)
+            new_ema = ops.select(first, value, ema_update(ema, value, self.decay))
+            new_ema = ops.select(steps > self.start_step, new_ema, ema)
         else:
-            new_ema = ops.select(steps == 1, batch_max, ema_update(self.input_ema, batch_max, self.decay))
-        ops.assign(self.input_ema, new_ema)
+            new_ema = ops.select(steps == 1, value, ema_update(ema, value, self.decay))
+        ops.assign(ema, new_ema)
         return new_ema
 
     def _delayed(self, x2: Tensor, y: Tensor) -> Tensor:
@@ -305,22 +373,32 @@ class QuantDense(Dense):
             return ops.select(self.steps > self.start_step, y, self.dense(x2, self.weight))
         return y
 
-    def _integer(self, x2: Tensor, x_q: Tensor, s_x: Tensor) -> Tensor:
+    def _weight_grid(self) -> tuple[Tensor, Tensor]:
+        """(W_q, S_W): one scale for the weight, or one per output row (shape (out, 1)) with per-channel
+        weights (then without the fused kernel, whose scale is one number)."""
+        if self.per_channel:
+            s_w = get_scale(row_max_abs(self.weight), self.qmax).reshape(-1, 1)
+            return round_half_even(ops.stop_gradient(self.weight) * s_w), s_w
         s_w = get_scale(max_abs(self.weight), self.qmax)
+        return quantize(ops.stop_gradient(self.weight), s_w, self.qmax, bounded=True), s_w
+
+    def _integer(self, x2: Tensor, x_q: Tensor, s_x: Tensor) -> Tensor:
+        w_q, s_w = self._weight_grid()
         bias = self.bias if self.has_bias else s_w
-        w_q = quantize(ops.stop_gradient(self.weight), s_w, self.qmax, bounded=True)
         return self.int_linear(x2, self.weight, bias, x_q, w_q, s_x, s_w)
 
-    def _quantized(self, x2: Tensor, threshold: Tensor) -> Tensor:
-        s_x = get_scale(threshold, self.qmax)
+    def _quantized(self, x2: Tensor, x_q: Tensor, s_x: Tensor) -> Tensor:
+        """The layer on the input's integers ``x_q`` (minus the zero point on the asymmetric grid) and scale."""
         if self.integer:
-            return self._integer(x2, quantize(ops.stop_gradient(x2), s_x, self.qmax), s_x)
-        s_w = get_scale(max_abs(self.weight), self.qmax)
+            return self._integer(x2, x_q, s_x)
         # partial quantization: fake-quantize what the spec asks for, in float32
-        weight = ste(self.weight, fake_quantize(self.weight, s_w, self.qmax, bounded=True)) if self.q_weights \
-            else self.weight
+        if self.q_weights:
+            w_q, s_w = self._weight_grid()
+            weight = ste(self.weight, divide(w_q, s_w))
+        else:
+            weight = self.weight
         if self.q_acts:
-            x2 = ste(x2, fake_quantize(x2, s_x, self.qmax))
+            x2 = ste(x2, divide(x_q, s_x))
         return self.dense(x2, weight)
 
 

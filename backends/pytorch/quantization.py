@@ -144,6 +144,8 @@ class _QuantState:
     #: The buffers that hold the input's range: the EMA of max|x|, or of min x and max x (a linear layer on
     #: the asymmetric grid). Embeddings keep an unused ``input_ema`` so that their state stays as it was.
     range_names: tuple[str, ...] = ("input_ema",)
+    #: max|x| known by construction (the spec's ``tanh_range``), which replaces the EMA; ``None``: the EMA
+    fixed_range: float | None = None
 
     def _init_quant_state(self, spec: QuantSpec, device: torch.device) -> None:
         self.spec = spec
@@ -215,7 +217,9 @@ class QuantizedLinear(_QuantState, nn.Linear):
         it) and return it; at inference, the stored EMA. ``negated``: ``batch_value`` is -min x (a maximum,
         so that data-parallel ranks all-reduce it with MAX), the buffer holds min x."""
         ema = getattr(self, name)
-        if self.training:
+        if self.training and self.fixed_range is not None:  # known by construction: no estimate
+            ema.fill_(-self.fixed_range if negated else self.fixed_range)
+        elif self.training:
             if self.sync_ranges:
                 batch_value = all_ranks_max(batch_value)
             value = -batch_value if negated else batch_value
@@ -265,11 +269,14 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
     if not spec.quantized:
         return model
     spec.check_float_inputs([name for name, module in model.named_modules() if type(module) is nn.Linear])
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is nn.Linear and (spec.quantize_weights or spec.quantize_activations):
                 name = f"{parent_name}.{child_name}" if parent_name else child_name
-                setattr(parent, child_name, QuantizedLinear.from_linear(child, spec.for_layer(name)))
+                module = QuantizedLinear.from_linear(child, spec.for_layer(name))
+                module.fixed_range = spec.fixed_range(name, model_type)
+                setattr(parent, child_name, module)
             elif type(child) is nn.Embedding and spec.quantize_embeddings:
                 setattr(parent, child_name, QuantizedEmbedding.from_embedding(child, spec))
     return model
