@@ -221,6 +221,8 @@ def run(ctx, recipe, spec_file, ema_decay, quant_delay, float_inputs, activation
         raise Q8Error(f"--spec {spec_file} and --recipe {recipe} both set the quantizer; pass one")
     spec = _read_spec(spec_file) if spec_file else RECIPES[recipe or DEFAULT_RECIPE].spec()
     options["recipe"] = None if spec_file else recipe or DEFAULT_RECIPE
+    options["quant_delay_ratio"] = None if spec_file or quant_delay is not None \
+        else RECIPES[options["recipe"]].quant_delay_ratio
     overrides = {"mode": mode, "ema_decay": ema_decay, "start_step": quant_delay, "float_inputs": float_inputs or None,
                  "tanh_range": tanh_range}
     spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None},

@@ -27,6 +27,9 @@ class RunConfig:
     device: str = "cpu"
     spec: QuantSpec = field(default_factory=QuantSpec)
     recipe: str | None = None  # the q8core.recipes preset the spec started from (None: a --spec file)
+    #: QAT starts after this fraction of the run's steps (the recipe's; the trainer writes the step into
+    #: ``spec.start_step``); None: ``spec.start_step`` as given (--quant-delay)
+    quant_delay_ratio: float | None = None
     epochs: float = 3.0
     max_steps: int | None = None  # overrides epochs when set
     train_batch_size: int = 16
@@ -72,6 +75,8 @@ class RunConfig:
             raise Q8Error(f"--distill-weight must be in (0, 1], got {self.distill_weight}")
         if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
             raise Q8Error(f"--distill-temperature must be a positive number, got {self.distill_temperature}")
+        if self.quant_delay_ratio is not None and not 0 <= self.quant_delay_ratio < 1:
+            raise Q8Error(f"quant_delay_ratio must be in [0, 1), got {self.quant_delay_ratio}")
         if not 0 <= self.warmup_ratio < 1:
             raise Q8Error(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         check_dataset_type(self.dataset_type)

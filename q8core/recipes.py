@@ -23,6 +23,8 @@ class Recipe:
     name: str
     help: str
     fields: dict = field(default_factory=dict)  # QuantSpec fields over its defaults
+    #: QAT starts after this fraction of the run's steps (``--quant-delay`` overrides); None: from the first
+    quant_delay_ratio: float | None = None
 
     def spec(self, **overrides) -> QuantSpec:
         return dataclasses.replace(QuantSpec(**self.fields), **overrides)

@@ -133,6 +133,7 @@ class Trainer:
         else:
             train_arrays = records.load(self.task, data_dir, "train", cfg.dataset_type, cfg.max_seq_length,
                                         vocab_size=len(tokenizer))
+        self._schedule(len(train_arrays["labels"]))
         evaluates = cfg.do_eval and self.dist.is_main  # rank 0 evaluates for all
         eval_sets = load_eval_sets(self.task, data_dir, tokenizer, cfg.max_seq_length,
                                    cfg.dataset_type) if evaluates else {}
@@ -147,6 +148,18 @@ class Trainer:
                                                      self.device, len(tokenizer))
             backend.set_distillation(cfg.distill_weight, cfg.distill_temperature)
         return tokenizer, train_arrays, eval_sets, backend
+
+    def _schedule(self, n: int) -> None:
+        """The run's length from its ``n`` training rows, and with it the quantization delay that the recipe
+        gives as a fraction of the run (``quant_delay_ratio``), written into the spec before the model is
+        built (so ``run_config.json`` and every checkpoint hold the step)."""
+        cfg = self.config
+        self.num_train = n
+        self.steps_per_epoch = math.ceil(n / (cfg.train_batch_size * self.dist.world_size))
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        if cfg.quant_delay_ratio is not None and self.spec.mode == "qat":
+            self.spec = dataclasses.replace(self.spec, start_step=int(cfg.quant_delay_ratio * self.total_steps))
+            self.config = dataclasses.replace(cfg, spec=self.spec)
 
     def _model_source(self) -> str:
         """``--model`` as a folder or hub id (a q8 run folder: its best checkpoint; a ModelZoo checkpoint
@@ -248,17 +261,14 @@ class Trainer:
             raise SystemExit(2)
 
     def _run(self, resume_from: Path | None) -> dict:
-        cfg = self.config
-        world = self.dist.world_size
         if resume_from is None:
             self._on_main(self._check_output_dir)
         elif self.backend_cls.resumable:
             self._on_main(lambda: self._resume_state(resume_from))  # a wrong process count fails before loading
         self.tokenizer, train, eval_sets, self.backend = self._load(resume_from)
+        cfg = self.config  # with the quantization delay resolved (_schedule)
         self.eval_sets = eval_sets
-        self.num_train = n = len(train["labels"])
-        self.steps_per_epoch = math.ceil(n / (cfg.train_batch_size * world))
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        n = self.num_train
         if self.spec.mode == "qat" and self.spec.start_step >= self.total_steps:
             raise Q8Error(f"--quant-delay {self.spec.start_step} is not below the run's {self.total_steps} steps: "
                           f"the QAT run would end unquantized; lower it, or train longer")

@@ -240,3 +240,22 @@ def test_a_spec_file_and_a_recipe_together_are_refused(tiny_bert, asymmetric_run
                                fast=True), capsys)
     assert_one_line_error(code, err, f"--spec {spec} and --recipe paper both set the quantizer")
     assert snapshot(tmp_path / "out") is None
+
+
+def test_the_recipes_delay_is_a_fraction_of_the_run_written_as_a_step(tiny_bert, asymmetric_run, tmp_path, capsys):
+    from q8core.config import RunConfig
+    from q8core.recipes import DEFAULT_RECIPE, RECIPES
+
+    data, _ = asymmetric_run
+    ratio = RECIPES[DEFAULT_RECIPE].quant_delay_ratio or 0.0
+    code, _, err = q8(run_args(tiny_bert, data, tmp_path / "run", "--max-steps", "9", "--save-steps", "9", fast=True),
+                      capsys)
+    assert code == 0, err
+    config = RunConfig.load(tmp_path / "run")
+    assert config.quant_delay_ratio == RECIPES[DEFAULT_RECIPE].quant_delay_ratio
+    assert config.spec.start_step == int(ratio * 9) == QuantSpec.load(tmp_path / "run" / "checkpoint-9").start_step
+    code, _, err = q8(run_args(tiny_bert, data, tmp_path / "given", "--max-steps", "9", "--quant-delay", "4",
+                               fast=True), capsys)
+    assert code == 0, err
+    config = RunConfig.load(tmp_path / "given")  # --quant-delay says the step itself
+    assert (config.quant_delay_ratio, config.spec.start_step) == (None, 4)
