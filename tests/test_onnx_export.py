@@ -259,7 +259,11 @@ def test_int8_predictions_agree_with_the_checkpoint(qat_run):
     int8 = registry.backend("onnxruntime").from_checkpoint(root / "int8", spec=QuantSpec(), device="cpu")
     a, b = predict(fake, dev, 32, True), predict(int8, dev, 32, True)
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.98
-    np.testing.assert_allclose(b, a, atol=1e-3 * np.abs(a).max() + 1e-6)
+    # the float parts differ in the last bit (ONNX Runtime's GELU, QuantizeLinear dividing by 1/S), which can
+    # move an input across a rounding boundary: one 8-bit code of the FFN output layer's finer uint8 grid
+    # then moves a logit of this tiny model by up to about 1% (0.8% seen); most agree to 1e-6
+    np.testing.assert_allclose(b, a, atol=1e-2 * np.abs(a).max() + 1e-6)
+    assert np.mean(np.abs(b - a) <= 1e-4 * np.abs(a).max() + 1e-6) >= 0.95
 
 
 def test_fp32_onnx_export_and_size(qat_run, capsys):

@@ -35,7 +35,7 @@ def runs(tiny_bert, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("report-runs")
     data = write_stsb(root / "STS-B")
     folders = {}
-    for mode, extra in (("qat", ["--ema-decay", "0.9"]), ("fp32", []), ("dq", [])):
+    for mode, extra in (("qat", ["--ema-decay", "0.9", "--quant-delay", "0"]), ("fp32", []), ("dq", [])):
         folders[mode] = out = root / mode
         try:
             cli.main(["run", "--task", "sts-b", "--data-dir", str(data), "--model", str(tiny_bert),
