@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from .errors import Q8Error
 from .spec import QuantSpec
 
-#: BERT's FFN output layers, whose input is GELU's output (Hugging Face module names)
-FFN_OUTPUT = r"layer\.\d+\.output\.dense$"
+#: The FFN output layers, whose input is GELU's output (Hugging Face module names: BERT, RoBERTa, ELECTRA;
+#: DistilBERT's ``ffn.lin2``)
+FFN_OUTPUT = r"(layer\.\d+\.output\.dense|ffn\.lin2)$"
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,9 @@ def test_recipes_set_the_spec_and_are_recorded(tiny_bert, asymmetric_run, tmp_pa
     assert code == 0, err
     config = RunConfig.load(tmp_path / "default")
     assert (config.recipe, DEFAULT_RECIPE) == ("full-int8", "full-int8")
-    assert config.spec == QuantSpec(tanh_range=True, asymmetric_inputs=[FFN_OUTPUT]) == RECIPES["full-int8"].spec()
+    from q8core.recipes import FFN_OUTPUT as RECIPE_FFN
+
+    assert config.spec == QuantSpec(tanh_range=True, asymmetric_inputs=[RECIPE_FFN]) == RECIPES["full-int8"].spec()
     assert QuantSpec.load(_best(tmp_path / "default")) == config.spec
     code, _, err = q8(run_args(tiny_bert, data, tmp_path / "paper", "--recipe", "paper", "--ema-decay", "0.9",
                                fast=True), capsys)
@@ -259,3 +261,28 @@ def test_the_recipes_delay_is_a_fraction_of_the_run_written_as_a_step(tiny_bert,
     assert code == 0, err
     config = RunConfig.load(tmp_path / "given")  # --quant-delay says the step itself
     assert (config.quant_delay_ratio, config.spec.start_step) == (None, 4)
+
+
+@pytest.mark.parametrize("family", ["distilbert", "roberta", "electra"])
+def test_the_default_recipe_fits_the_bert_family(family):
+    """full-int8's patterns name each family's FFN output layers (GELU's output) and tanh's range only the layer
+    that reads a tanh (RoBERTa's head; DistilBERT's classifier reads a ReLU, ELECTRA's a GELU)."""
+    import transformers
+
+    from backends.pytorch.quantization import QuantizedLinear, quantize_model, quantized_modules
+    from q8core.recipes import RECIPES
+
+    small = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config, model_class = {
+        "distilbert": (transformers.DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, hidden_dim=64),
+                       transformers.DistilBertForSequenceClassification),
+        "roberta": (transformers.RobertaConfig(**small), transformers.RobertaForSequenceClassification),
+        "electra": (transformers.ElectraConfig(embedding_size=32, **small), transformers.ElectraForSequenceClassification),
+    }[family]
+    model = quantize_model(model_class(config), RECIPES["full-int8"].spec())
+    layers = {n: m for n, m in quantized_modules(model) if isinstance(m, QuantizedLinear)}
+    asymmetric = sorted(n for n, m in layers.items() if m.spec.asymmetric)
+    assert len(asymmetric) == 2 and all(n.endswith(("output.dense", "ffn.lin2")) for n in asymmetric), asymmetric
+    assert not any("attention" in n for n in asymmetric)
+    fixed = [n for n, m in layers.items() if m.fixed_range is not None]
+    assert fixed == (["classifier.out_proj"] if family == "roberta" else [])
