@@ -35,9 +35,10 @@ RECIPES = {r.name: r for r in (
     Recipe("paper", "Q8BERT as the paper states it: symmetric per-tensor int8 inputs over the EMA of max|x| "
                     "from the first step"),
     Recipe("full-int8", "every fully connected input 8-bit, with the classifier's input over tanh's [-1, 1], "
-                        "the FFN output layers' (GELU's) on the asymmetric uint8 grid, and QAT after the first "
-                        "third of the run",
-           {"tanh_range": True, "asymmetric_inputs": (FFN_OUTPUT,)}, quant_delay_ratio=1 / 3),
+                        "the FFN output layers' (GELU's) on the asymmetric uint8 grid, per-channel weight scales, "
+                        "and QAT after the first third of the run",
+           {"tanh_range": True, "asymmetric_inputs": (FFN_OUTPUT,), "per_channel_weights": True},
+           quant_delay_ratio=1 / 3),
 )}
 
 #: What ``q8 run`` uses without ``--recipe`` or ``--spec``

@@ -277,7 +277,7 @@ def test_fp32_onnx_export_and_size(qat_run, capsys):
 
     fp32, int8 = weight_bytes(root / "fp32"), weight_bytes(root / "int8")
     # matrices in 1 byte instead of 4; the tiny model's LayerNorms and int32 biases keep it above 1/4
-    assert 0.25 < int8 / fp32 < 0.3, (int8, fp32)
+    assert 0.25 < int8 / fp32 < 0.4, (int8, fp32)  # the tiny model: per-channel scale vectors count
 
 
 def test_onnx_int8_of_an_fp32_checkpoint_is_refused(tiny_bert, sst2_dir, tmp_path, capsys):

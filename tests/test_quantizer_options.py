@@ -225,7 +225,8 @@ def test_recipes_set_the_spec_and_are_recorded(tiny_bert, asymmetric_run, tmp_pa
     assert (config.recipe, DEFAULT_RECIPE) == ("full-int8", "full-int8")
     from q8core.recipes import FFN_OUTPUT as RECIPE_FFN
 
-    assert config.spec == QuantSpec(tanh_range=True, asymmetric_inputs=[RECIPE_FFN]) == RECIPES["full-int8"].spec()
+    assert config.spec == QuantSpec(tanh_range=True, asymmetric_inputs=[RECIPE_FFN], per_channel_weights=True,
+                                    start_step=0) == RECIPES["full-int8"].spec()
     assert QuantSpec.load(_best(tmp_path / "default")) == config.spec
     code, _, err = q8(run_args(tiny_bert, data, tmp_path / "paper", "--recipe", "paper", "--ema-decay", "0.9",
                                fast=True), capsys)
