@@ -505,7 +505,8 @@ def eval_(ctx, checkpoint, model, task, backend, max_seq_length, data_dir, datas
     if (labels is None) != task.is_regression or (labels and tuple(labels) != task.labels):
         raise Q8Error(f"{path}: its labels {labels} do not fit task {task.name} ({task.labels})")
     backend_cls.check_device(device)
-    spec = base or QuantSpec.load(path)
+    stored = QuantSpec.load(path)
+    spec = base or stored
     for option, given in (("--mode", mode is not None), ("--float-inputs", bool(float_inputs))):
         if given and manifest.get("export_format"):
             raise Q8Error(f"{path} is an exported model ({manifest['export_format']}); it runs as exported, "
@@ -519,7 +520,7 @@ def eval_(ctx, checkpoint, model, task, backend, max_seq_length, data_dir, datas
     metrics = _evaluate(task, path, manifest.get("max_seq_length", 128), data_dir, dataset_type, eval_batch_size,
                         lambda: backend_cls.from_checkpoint(path, spec=spec, device=device), backend_options)
     _print_eval(task, path, spec.mode, backend_cls.name, metrics, as_json,
-                _modelzoo_line(metrics, task.main_metric, path if spec == QuantSpec.load(path) else None))
+                _modelzoo_line(metrics, task.main_metric, path if spec == stored else None))
 
 
 def _evaluate(task, tokenizer_source, max_seq_length: int, data_dir, dataset_type: str, eval_batch_size: int,

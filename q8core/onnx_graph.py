@@ -144,29 +144,28 @@ class _Builder:
     def input_scale(self, module: str) -> np.float32:
         return self.input_params(module)[0]
 
-    def int8_weight(self, module: str) -> tuple[str, str, str]:
+    def int8_weight(self, module: str) -> tuple[str, str, str, np.ndarray]:
         """The layer's int8 weight (transposed to [in, out]), its scale(s) 1/S_W and zero point(s), as
-        initializers: one per tensor, or one per output column with per-channel weights."""
+        initializers (one per tensor, or one per output column with per-channel weights), and S_W itself."""
         g = self.g
         w_q, s_w = reference.quantize_weight(self.weight(f"{module}.weight"), per_channel=self.per_channel)
         zero = np.zeros(s_w.shape, np.int8) if self.per_channel else np.int8(0)
         return (g.const(f"{module}.weight_int8", np.ascontiguousarray(w_q.T)),
                 g.const(f"{module}.weight_scale", (np.float32(1) / s_w).astype(np.float32)),
-                g.const(f"{module}.weight_zero", zero))
+                g.const(f"{module}.weight_zero", zero), s_w)
 
     def int8_parameters(self, module: str) -> tuple[str, str, str, str]:
         """:meth:`int8_weight` and the bias dequantized from int32: the reference's values, as initializers."""
         g = self.g
-        bias = self.weight(f"{module}.bias")
+        w_q, w_scale, w_zero, s_w = self.int8_weight(module)
         s_x = self.input_scale(module)
-        s_w = reference.quantize_weight(self.weight(f"{module}.weight"), per_channel=self.per_channel)[1]
-        b_q = reference.quantize_bias(bias, s_w, s_x)
+        b_q = reference.quantize_bias(self.weight(f"{module}.bias"), s_w, s_x)
         s_b = reference.bias_scale(s_w, s_x)
         bias_dq = g.op("DequantizeLinear", [g.const(f"{module}.bias_int32", b_q),
                                             g.const(f"{module}.bias_scale", (np.float32(1) / s_b).astype(np.float32)),
                                             g.const(f"{module}.bias_zero", np.zeros(s_b.shape, np.int32))],
                        **({"axis": 0} if self.per_channel else {}))
-        return (*self.int8_weight(module), bias_dq)
+        return w_q, w_scale, w_zero, bias_dq
 
     def quantize_input(self, module: str, x: str, lower: float | None = None) -> str:
         """``x_q = clamp(round(x * S_x), -127, 127) + 128`` as uint8 (``ort`` form).
@@ -210,7 +209,7 @@ class _Builder:
         from onnx import TensorProto
 
         g = self.g
-        w_q, w_scale, _ = self.int8_weight(module)
+        w_q, w_scale, _, _ = self.int8_weight(module)
         w = g.op("Mul", [g.op("Cast", [w_q], to=TensorProto.FLOAT), w_scale])
         return g.op("Add", [g.op("MatMul", [x, w]), g.const(f"{module}.bias", self.weight(f"{module}.bias"))])
 
